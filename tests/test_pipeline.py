@@ -1,0 +1,58 @@
+"""`minitron run`: a whole recipe on a tiny teacher, resumable, refusing a different recipe in the same folder."""
+
+import json
+
+import pytest
+import yaml
+
+from toolchain.errors import UserError
+from toolchain.pipeline import run_pipeline
+from toolchain.recipe import load_recipe
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model, corpus_jsonl):
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "run"),
+        "teacher": {"model": str(tiny_model), "device": "cpu"},
+        "data": {"spec": str(corpus_jsonl), "seq_len": 32, "eval_fraction": 0.1, "calibration_fraction": 0.1},
+        "eval": {"batch_size": 4, "max_batches": 2},
+        "students": [
+            {"name": "width", "prune": {"hidden_size": 32, "ffn_hidden_size": 64, "calibration_samples": 8}},
+            {"name": "depth", "prune": {"num_layers": 2, "depth_method": "block_importance", "calibration_samples": 8}},
+        ],
+        "distill": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "save_every": 1},
+        "engine": {"profile": "cpu-fp32"},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_run_whole_pipeline_then_resume(tiny_recipe, tmp_path):
+    summary = run_pipeline(load_recipe(str(tiny_recipe)))
+    run_dir = tmp_path / "run"
+    assert [s["name"] for s in summary["students"]] == ["width", "depth"]
+    for student in summary["students"]:
+        assert student["parameters"] < summary["teacher"]["parameters"]
+        assert student["distilled"]["kl"] >= 0 and student["pruned"]["perplexity"] > 1
+        manifest = json.loads((run_dir / "students" / student["name"] / "engine" / "manifest.json").read_text())
+        assert manifest["backend"] == "onnxruntime-genai"
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert "| width (distilled) |" in (run_dir / "summary.md").read_text()
+    # A rerun finds every stage done and returns the same summary without recomputing.
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("eval.json")}
+    assert run_pipeline(load_recipe(str(tiny_recipe))) == summary
+    assert stamps == {p: p.stat().st_mtime_ns for p in run_dir.rglob("eval.json")}
+
+
+def test_different_recipe_in_same_folder_refused(tiny_recipe):
+    run_pipeline(load_recipe(str(tiny_recipe), ["students=[]", "engine.profile=null"]))
+    with pytest.raises(UserError, match="different recipe"):
+        run_pipeline(load_recipe(str(tiny_recipe), ["students=[]", "engine.profile=null", "eval.max_batches=1"]))
+
+
+def test_recipe_without_teacher_refused(cli):
+    result = cli("run", "llama-3.1-8b-minitron-4b-width")
+    assert result.returncode == 2 and "--teacher" in result.stderr

@@ -1,0 +1,196 @@
+"""`minitron run RECIPE`: the whole Minitron pipeline from one recipe, resumable stage by stage.
+
+teacher correction → teacher eval → per student: prune → eval → distill → (quantize) → engine build,
+then a summary table. Every stage writes its own directory atomically under the run folder, so a
+directory that exists is complete: rerunning the same command skips finished stages and resumes an
+interrupted distillation from its last checkpoint. Stages read each other's outputs from disk only.
+
+Run folder:
+    recipe.yaml                      the resolved recipe (a different recipe in the same folder is refused)
+    teacher-corrected/               teacher after LM fine-tuning (only with teacher.correction.tokens)
+    teacher-eval.json
+    students/NAME/pruned/            HF checkpoint + pruning.json + importance.safetensors + eval.json
+    students/NAME/distilled/         HF checkpoint + train_log.jsonl + eval.json
+    students/NAME/quantized/         ModelOpt unified checkpoint (only with quantize.format)
+    students/NAME/engine/            engine directory with manifest.json (only with engine.profile)
+    summary.json, summary.md
+"""
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import yaml
+
+from toolchain.data import prepare_data
+from toolchain.errors import UserError
+from toolchain.evaluate import evaluate_model
+from toolchain.models import load_model, load_tokenizer, resolve_model_dir
+from toolchain.paths import atomic_write_text
+from toolchain.recipe import Recipe, StudentConfig, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters stored in a checkpoint, from the safetensors headers (no weights are read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in Path(model_dir).glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total
+
+
+class Run:
+    """The run folder of one recipe, and the shared teacher/data that every stage evaluates against."""
+
+    def __init__(self, recipe: Recipe, overwrite: bool = False):
+        if recipe.teacher.model is None:
+            raise UserError(f"recipe {recipe.name} has no teacher; pass --teacher PATH (a local Hugging Face directory)")
+        self.recipe = recipe
+        self.dir = recipe.resolved_output_dir()
+        self.claim_folder(overwrite)
+        self.device = recipe.teacher.device
+        self._teacher_model = None
+        self._eval_rows = None
+
+    def claim_folder(self, overwrite: bool) -> None:
+        resolved = yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
+        recipe_file = self.dir / "recipe.yaml"
+        if recipe_file.is_file() and recipe_file.read_text() != resolved:
+            if not overwrite:
+                raise UserError(f"{self.dir} holds a run of a different recipe; choose another --out, or --overwrite to start it afresh")
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(recipe_file, resolved)
+
+    @property
+    def teacher(self) -> str:
+        corrected = self.dir / "teacher-corrected"
+        return str(corrected) if self.recipe.teacher.correction.tokens else self.recipe.teacher.model
+
+    def teacher_model(self):
+        if self._teacher_model is None:
+            self._teacher_model = load_model(self.teacher, dtype=self.recipe.teacher.dtype, device=self.device)
+        return self._teacher_model
+
+    def eval_rows(self):
+        if self._eval_rows is None:
+            data = self.recipe.data
+            packed = prepare_data(data.spec, load_tokenizer(self.teacher), data.seq_len, data.text_field, data.eval_fraction, data.calibration_fraction)
+            self._eval_rows = packed.split("eval")
+        return self._eval_rows
+
+    def evaluate(self, model_dir: Path, path: Path, against_teacher: bool = True) -> dict:
+        """Metrics of a checkpoint, recorded at `path`: computed once, read back on reruns."""
+        if path.is_file():
+            return json.loads(path.read_text())
+        model = load_model(model_dir, dtype=self.recipe.teacher.dtype, device=self.device)
+        metrics = evaluate_model(model, self.eval_rows(), self.recipe.eval.batch_size, self.recipe.eval.max_batches,
+                                 teacher=self.teacher_model() if against_teacher else None, description=f"eval {Path(model_dir).name}")
+        atomic_write_text(path, json.dumps(metrics, indent=2))
+        return metrics
+
+
+def correct_teacher(run: Run) -> None:
+    from toolchain.finetune import finetune
+
+    recipe = run.recipe
+    out = run.dir / "teacher-corrected"
+    if out.is_dir():
+        return
+    log.info("teacher correction: %s tokens of LM fine-tuning", f"{recipe.teacher.correction.tokens:,}")
+    config = recipe.distill.model_copy(update={"tokens": recipe.teacher.correction.tokens, "steps": None,
+                                               "lr": recipe.teacher.correction.lr, "min_lr": min(recipe.distill.min_lr, recipe.teacher.correction.lr)})
+    finetune(recipe.teacher.model, recipe.data.spec, out, config, seq_len=recipe.data.seq_len, text_field=recipe.data.text_field,
+             dtype=recipe.teacher.dtype, device=run.device)
+
+
+def run_student(run: Run, student: StudentConfig, importance_file: Path | None) -> dict:
+    from toolchain.distill import distill
+    from toolchain.prune import prune
+
+    recipe = run.recipe
+    student_dir = run.dir / "students" / student.name
+    pruned = student_dir / "pruned"
+    if not pruned.is_dir():
+        log.info("student %s: pruning", student.name)
+        prune(run.teacher, recipe.data.spec, pruned, student.prune, importance_file=importance_file, seq_len=recipe.data.seq_len,
+              text_field=recipe.data.text_field, dtype=recipe.teacher.dtype, device=run.device)
+    row = {"name": student.name, "parameters": parameter_count(pruned), "pruned": run.evaluate(pruned, pruned / "eval.json")}
+    final = pruned
+    distill_config = recipe.student_distill(student)
+    if distill_config.tokens or distill_config.steps:
+        distilled = student_dir / "distilled"
+        if not (distilled / "eval.json").is_file():
+            log.info("student %s: distilling", student.name)
+            distill(run.teacher, str(pruned), recipe.data.spec, distilled, distill_config, seq_len=recipe.data.seq_len,
+                    text_field=recipe.data.text_field, dtype=recipe.teacher.dtype, device=run.device,
+                    resume=(distilled / "checkpoints").is_dir())
+        row["distilled"] = run.evaluate(distilled, distilled / "eval.json")
+        final = distilled
+    if recipe.engine.profile:
+        from toolchain.build import build
+
+        engine = student_dir / "engine"
+        if not engine.is_dir():
+            log.info("student %s: building engine %s", student.name, recipe.engine.profile)
+            build(recipe.engine.profile, str(final), engine)
+        row["engine"] = str(engine)
+    row["checkpoint"] = str(final)
+    return row
+
+
+def run_pipeline(recipe: Recipe, overwrite: bool = False) -> dict:
+    """Run every stage of the recipe that has not finished yet; returns the summary."""
+    run = Run(recipe, overwrite)
+    if recipe.teacher.correction.tokens:
+        correct_teacher(run)
+    teacher_dir = resolve_model_dir(run.teacher)
+    summary = {"recipe": recipe.name, "run_dir": str(run.dir), "teacher": {"model": run.teacher, "parameters": parameter_count(teacher_dir),
+                                                                         "eval": run.evaluate(teacher_dir, run.dir / "teacher-eval.json", False)}}
+    summary["students"] = []
+    importance_file = None
+    for student in recipe.students:
+        summary["students"].append(run_student(run, student, importance_file))
+        importance_file = run.dir / "students" / student.name / "pruned" / "importance.safetensors"
+    atomic_write_text(run.dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(run.dir / "summary.md", format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    teacher = summary["teacher"]
+    lines = [f"# {summary['recipe']}", "", f"Run folder: `{summary['run_dir']}`; eval split of the recipe's data.", "",
+             "| model | parameters | perplexity | KL(teacher‖model) | top-1 agreement |", "|---|---|---|---|---|",
+             f"| teacher | {teacher['parameters'] / 1e6:.1f}M | {teacher['eval']['perplexity']:.2f} | – | – |"]
+    for student in summary["students"]:
+        for stage in ("pruned", "distilled"):
+            if stage in student:
+                metrics = student[stage]
+                lines.append(f"| {student['name']} ({stage}) | {student['parameters'] / 1e6:.1f}M | {metrics['perplexity']:.2f} | "
+                             f"{metrics['kl']:.3f} | {metrics['top1_agreement']:.1%} |")
+    engines = [f"- {s['name']}: `{s['engine']}`" for s in summary["students"] if "engine" in s]
+    if engines:
+        lines += ["", "Engines:"] + engines
+    return "\n".join(lines) + "\n"
+
+
+def configure_parser(parser) -> None:
+    from toolchain.cli_args import add_recipe_override_arguments
+
+    parser.add_argument("recipe", help="a recipe YAML path or a built-in recipe name (see `minitron validate --help`)")
+    add_recipe_override_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true", help="discard an existing run of a different recipe in the output folder")
+
+
+def command(args) -> int:
+    from toolchain.cli_args import recipe_overrides
+
+    summary = run_pipeline(load_recipe(args.recipe, recipe_overrides(args)), overwrite=args.overwrite)
+    print(format_summary(summary))
+    return 0
