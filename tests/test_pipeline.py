@@ -11,7 +11,8 @@ from toolchain.recipe import load_recipe
 
 
 @pytest.fixture
-def tiny_recipe(tmp_path, tiny_model, corpus_jsonl):
+def tiny_recipe(tmp_path, make_tiny_model, corpus_jsonl):
+    tiny_model = make_tiny_model("teacher", max_position_embeddings=2048)  # the cpu-fp32 profile serves up to 2048 tokens
     recipe = {
         "name": "tiny",
         "output_dir": str(tmp_path / "run"),
@@ -24,6 +25,7 @@ def tiny_recipe(tmp_path, tiny_model, corpus_jsonl):
         ],
         "distill": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "save_every": 1},
         "engine": {"profile": "cpu-fp32"},
+        "bench": {"input_len": 16, "output_len": 4, "concurrency": [1], "requests": 2},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -1,7 +1,7 @@
 """`minitron run RECIPE`: the whole Minitron pipeline from one recipe, resumable stage by stage.
 
-teacher correction → teacher eval → per student: prune → eval → distill → (quantize) → engine build,
-then a summary table. Every stage writes its own directory atomically under the run folder, so a
+teacher correction → teacher eval → per student: prune → eval → distill → engine build (the
+profile quantizes as it says) → teacher engine + Triton benchmark of all engines → a summary table. Every stage writes its own directory atomically under the run folder, so a
 directory that exists is complete: rerunning the same command skips finished stages and resumes an
 interrupted distillation from its last checkpoint. Stages read each other's outputs from disk only.
 
@@ -13,6 +13,7 @@ Run folder:
     students/NAME/distilled/         HF checkpoint + train_log.jsonl + eval.json
     students/NAME/quantized/         ModelOpt unified checkpoint (only with quantize.format)
     students/NAME/engine/            engine directory with manifest.json (only with engine.profile)
+    teacher-engine/, bench/          the teacher's engine and the Triton benchmark of all engines (bench.enabled)
     summary.json, summary.md
 """
 
@@ -126,12 +127,13 @@ def run_student(run: Run, student: StudentConfig, importance_file: Path | None) 
     distill_config = recipe.student_distill(student)
     if distill_config.tokens or distill_config.steps:
         distilled = student_dir / "distilled"
-        if not (distilled / "eval.json").is_file():
+        record = distilled / "eval.json"  # written last by distill, with the eval against the teacher
+        if not record.is_file():
             log.info("student %s: distilling", student.name)
             distill(run.teacher, str(pruned), recipe.data.spec, distilled, distill_config, seq_len=recipe.data.seq_len,
                     text_field=recipe.data.text_field, dtype=recipe.teacher.dtype, device=run.device,
-                    resume=(distilled / "checkpoints").is_dir())
-        row["distilled"] = run.evaluate(distilled, distilled / "eval.json")
+                    resume=(distilled / "checkpoints").is_dir(), eval_batches=recipe.eval.max_batches)
+        row["distilled"] = json.loads(record.read_text())["eval"]
         final = distilled
     if recipe.engine.profile:
         from toolchain.build import build
@@ -139,10 +141,34 @@ def run_student(run: Run, student: StudentConfig, importance_file: Path | None) 
         engine = student_dir / "engine"
         if not engine.is_dir():
             log.info("student %s: building engine %s", student.name, recipe.engine.profile)
-            build(recipe.engine.profile, str(final), engine)
+            build(recipe.engine.profile, str(final), engine, data=recipe.data.spec, seq_len=recipe.data.seq_len)
         row["engine"] = str(engine)
     row["checkpoint"] = str(final)
     return row
+
+
+def benchmark_engines(run: Run, student_engines: list[str]) -> dict | None:
+    """Teacher engine (same profile) first, then the students', through Triton; None where engines cannot run here."""
+    from toolchain.bench import bench
+    from toolchain.build import build
+    from toolchain.manifest import read_manifest
+
+    recipe = run.recipe
+    teacher_engine = run.dir / "teacher-engine"
+    if not teacher_engine.is_dir():
+        log.info("building the teacher's engine %s for the benchmark", recipe.engine.profile)
+        build(recipe.engine.profile, run.teacher, teacher_engine, data=recipe.data.spec, seq_len=recipe.data.seq_len)
+    manifest = read_manifest(teacher_engine)
+    if manifest.backend != "onnxruntime-genai" or not manifest.built:
+        log.info("engines of profile %s run on a GPU machine only: benchmark them there with `minitron bench HOST:PORT`", recipe.engine.profile)
+        return None
+    record = run.dir / "bench" / "bench.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    b = recipe.bench
+    return bench([str(teacher_engine), *student_engines], data=recipe.data.spec, input_len=b.input_len, output_len=b.output_len,
+                 concurrency=b.concurrency, requests=b.requests, threads=b.threads, max_batch_size=recipe.serve.max_batch_size,
+                 out=run.dir / "bench")
 
 
 def run_pipeline(recipe: Recipe, overwrite: bool = False) -> dict:
@@ -158,6 +184,9 @@ def run_pipeline(recipe: Recipe, overwrite: bool = False) -> dict:
     for student in recipe.students:
         summary["students"].append(run_student(run, student, importance_file))
         importance_file = run.dir / "students" / student.name / "pruned" / "importance.safetensors"
+    engines = [student["engine"] for student in summary["students"] if "engine" in student]
+    if engines and recipe.bench.enabled:
+        summary["bench"] = benchmark_engines(run, engines)
     atomic_write_text(run.dir / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(run.dir / "summary.md", format_summary(summary))
     return summary
@@ -177,6 +206,10 @@ def format_summary(summary: dict) -> str:
     engines = [f"- {s['name']}: `{s['engine']}`" for s in summary["students"] if "engine" in s]
     if engines:
         lines += ["", "Engines:"] + engines
+    if summary.get("bench"):
+        from toolchain.bench import format_bench
+
+        lines += ["", "Serving benchmark (first row: the teacher's engine):", "", format_bench(summary["bench"])]
     return "\n".join(lines) + "\n"
 
 

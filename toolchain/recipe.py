@@ -54,35 +54,35 @@ class PruneConfig(Section):
     num_key_value_heads: int | None = Field(None, gt=0, description="Target key-value heads (whole GQA groups); None keeps all.")
     num_layers: int | None = Field(None, gt=0, description="Target decoder layers (depth); None keeps all.")
     drop_layers: str | None = Field(None, description="Explicit layers to drop, e.g. '16-31' or '3,5,7-9' (0-based); overrides depth_method.")
-    depth_method: Literal["lm_loss", "lm_loss_contiguous", "block_importance"] = Field(
-        "lm_loss", description="How layers are chosen: LM-loss increase of each layer alone, of the best contiguous block, or block importance (1 - cos).")
+    depth_method: Literal["lm_loss", "lm_loss_contiguous", "block_importance", "random"] = Field(
+        "lm_loss", description="How layers are chosen: LM-loss increase of each layer alone, of the best contiguous block, block importance (1 - cos), or random (baseline).")
     importance: Literal["activation", "magnitude", "random"] = Field("activation", description="Width importance: Minitron activations, weight magnitude, or random (baselines).")
-    batch_aggregation: Literal["mean", "l2", "var"] = Field("l2", description="How activation importance aggregates over the batch.")
-    sequence_aggregation: Literal["mean", "l2", "var"] = Field("mean", description="How activation importance aggregates over the sequence.")
+    batch_aggregation: Literal["mean", "l2", "var"] = Field("l2", description="How activation importance aggregates over the batch (Minitron's best: L2).")
+    sequence_aggregation: Literal["mean", "l2", "var"] = Field("mean", description="How activation importance aggregates over the sequence (Minitron's best: mean).")
     calibration_samples: int = Field(1024, gt=0, description="Calibration sequences for importance (Minitron uses 1024).")
+    depth_calibration_samples: int | None = Field(None, gt=0, description="Calibration sequences for LM-loss layer scores (one forward pass per candidate); None uses calibration_samples.")
     batch_size: int = Field(8, gt=0, description="Sequences per importance batch.")
     seed: int = Field(0, description="Seed of the random baseline.")
 
 
-class DistillConfig(Section):
+class TrainingConfig(Section):
+    """The training loop shared by distillation and fine-tuning (teacher correction)."""
+
     tokens: int | None = Field(None, gt=0, description="Token budget; exactly one of tokens/steps.")
     steps: int | None = Field(None, gt=0, description="Optimizer-step budget; exactly one of tokens/steps.")
     global_batch_size: int = Field(8, gt=0, description="Sequences per optimizer step across all ranks (gradient accumulation fills the rest).")
-    micro_batch_size: int = Field(4, gt=0, description="Sequences per forward/backward on one rank.")
+    micro_batch_size: int = Field(4, gt=0, description="Sequences per forward/backward on one rank (lowered to the per-rank batch if larger).")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (Minitron: 1e-4).")
     min_lr: float = Field(1e-5, ge=0, description="Learning rate at the end of the cosine decay (Minitron: 1e-5).")
     warmup_steps: int = Field(40, ge=0, description="Linear warm-up steps (Minitron: 40).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the logit KL loss.")
-    logit_loss_weight: float = Field(1.0, ge=0, description="Weight of the forward KL on logits.")
-    lm_loss_weight: float = Field(0.0, ge=0, description="Weight of the LM cross-entropy on the data.")
-    intermediate_loss: Literal["none", "cosine", "mse"] = Field("none", description="Hidden-state loss between mapped teacher and student layers.")
-    intermediate_loss_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state loss.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
+    autocast: bool = Field(True, description="bfloat16 autocast on CUDA devices that support it; CPU always runs in the model dtype (bfloat16 is slower there).")
     gradient_checkpointing: bool = Field(False, description="Recompute student activations in backward to save memory.")
-    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Strategy under torchrun: DDP, or FSDP for students that do not fit one device.")
-    save_every: int = Field(100, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Strategy under torchrun: DDP (teacher replicated), or FSDP (student and teacher sharded) for models that do not fit one device.")
+    save_every: int = Field(100, gt=0, description="Write a resumable checkpoint every N optimizer steps (and at the last step).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on disk.")
-    seed: int = Field(0, description="Seed for initialisation-free parts (data order, dropout).")
+    seed: int = Field(0, description="Seed of the data order and of the RNG states.")
 
     @model_validator(mode="after")
     def one_budget(self):
@@ -90,6 +90,24 @@ class DistillConfig(Section):
             raise ValueError("give a budget in tokens or in steps, not both")
         if self.min_lr > self.lr:
             raise ValueError("min_lr must not exceed lr")
+        return self
+
+
+class DistillConfig(TrainingConfig):
+    """Distillation: the training loop plus the losses. Loss weights are relative (the loss is their weighted mean)."""
+
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the logit KL loss (the loss is scaled by T^2).")
+    logit_loss_weight: float = Field(1.0, ge=0, description="Weight of the forward KL(teacher || student) on logits, per token.")
+    lm_loss_weight: float = Field(0.0, ge=0, description="Weight of the LM cross-entropy on the data.")
+    intermediate_loss: Literal["none", "cosine", "mse"] = Field("none", description="Hidden-state loss between mapped teacher and student decoder-layer outputs (needs equal hidden sizes).")
+    intermediate_loss_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state loss (averaged over the mapped layers).")
+
+    @model_validator(mode="after")
+    def usable_losses(self):
+        if self.logit_loss_weight + (self.intermediate_loss_weight if self.intermediate_loss != "none" else 0.0) <= 0:
+            raise ValueError("distillation needs a positive logit_loss_weight or an intermediate loss with a positive weight")
+        if (self.intermediate_loss == "none") != (self.intermediate_loss_weight == 0):
+            raise ValueError("set intermediate_loss (cosine or mse) and a positive intermediate_loss_weight together")
         return self
 
 
@@ -102,6 +120,7 @@ class StudentConfig(Section):
 class QuantizeConfig(Section):
     format: Literal["none", "fp8", "int8_sq", "int4_awq"] = Field("none", description="ModelOpt quantization of the distilled student.")
     calibration_samples: int = Field(128, gt=0, description="Calibration sequences for quantization.")
+    kv_cache: Literal["none", "fp8"] = Field("none", description="Also quantize the KV cache (fp8) when format is set.")
 
 
 class ExportConfig(Section):
@@ -120,11 +139,13 @@ class ServeConfig(Section):
     http_port: int | None = Field(None, gt=0, lt=65536, description="HTTP port; None picks a free one.")
     grpc_port: int | None = Field(None, gt=0, lt=65536, description="gRPC port; None picks a free one.")
     metrics_port: int | None = Field(None, gt=0, lt=65536, description="Prometheus metrics port; None picks a free one.")
-    instances: int = Field(1, gt=0, description="Model instances.")
-    max_batch_size: int = Field(8, gt=0, description="Largest batch Triton forms.")
+    instances: int = Field(1, gt=0, description="Model instances; each CPU instance loads its own engine.")
+    max_batch_size: int = Field(8, gt=0, description="Largest batch Triton forms (capped by the engine's max_batch_size).")
+    threads: int | None = Field(None, gt=0, description="CPU engine threads per instance; None uses the profile's cpu_threads, else cores / instances.")
 
 
 class BenchConfig(Section):
+    enabled: bool = Field(True, description="After the engine builds, benchmark the teacher's and the students' engines through Triton (CPU engines; TensorRT-LLM engines are benchmarked on the GPU machine with `minitron bench HOST:PORT`).")
     input_len: int = Field(128, gt=0, description="Prompt tokens per request.")
     output_len: int = Field(64, gt=0, description="Generated tokens per request.")
     concurrency: list[int] = Field(default_factory=lambda: [1, 4], description="Concurrent clients; one measurement per value.")

@@ -1,0 +1,199 @@
+"""Cost of a distillation micro-step against its parts, and peak memory against what must exist.
+
+In one run, alternating in rounds so machine noise hits all alike (medians reported):
+- KD step: the toolchain's step (ModelOpt distillation model: teacher forward + student forward,
+  KL loss on logits, student backward), exactly as `minitron distill` runs it;
+- teacher forward alone (no grad) + student forward/backward alone (LM loss) on the same batch.
+Target: the KD step within 10% of the sum of its parts.
+Memory: peak during the KD step (CUDA: max allocated; CPU: peak RSS sampled every 2 ms) against the
+teacher and student weights, the student's gradients and AdamW's two moment buffers.
+
+The student is a random-init copy of the teacher config sliced to --hidden-size / --ffn-hidden-size
+(the smollm2 width student's shape) unless --student names a checkpoint; speed does not depend on weights.
+
+    python benchmarks/bench_distill_speed.py [--teacher smollm2-135m] [--student DIR] [--rounds 3] [--threads 2]
+"""
+
+import argparse
+import statistics
+import threading
+import time
+
+import torch
+
+from common import machine, pin_threads, write_results
+from toolchain.data import iterate_batches, prepare_data
+from toolchain.distill import build_distillation, layer_mapping
+from toolchain.models import load_config, load_model, load_tokenizer
+from toolchain.recipe import DistillConfig
+from toolchain.training import lm_loss, prepare_student
+
+
+class PeakMemory:
+    """Peak resident memory (CPU, sampled) or peak allocated memory (CUDA) inside a `with` block."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self.running = True
+        self.peak = self.rss()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.running = False
+            self.thread.join()
+
+    def current(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else self.rss()
+
+
+def sliced_student(teacher: str, hidden_size: int, ffn_hidden_size: int, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(teacher)
+    config.hidden_size, config.intermediate_size = hidden_size, ffn_hidden_size
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def timed(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="smollm2-135m")
+    parser.add_argument("--student", help="student checkpoint (default: a random-init slice of the teacher config)")
+    parser.add_argument("--hidden-size", type=int, default=432)
+    parser.add_argument("--ffn-hidden-size", type=int, default=768)
+    parser.add_argument("--data", default="builtin:python-docs")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    pin_threads(args.threads)
+
+    memory = PeakMemory(torch.device(args.device))
+    baseline = memory.current()
+    teacher = load_model(args.teacher, device=args.device)
+    student = load_model(args.student, device=args.device) if args.student else sliced_student(args.teacher, args.hidden_size, args.ffn_hidden_size, teacher.dtype).to(args.device)
+    plain_student = load_model(args.student, device=args.device) if args.student else sliced_student(args.teacher, args.hidden_size, args.ffn_hidden_size, teacher.dtype).to(args.device)
+    plain_student.train()
+    config = DistillConfig(steps=1)
+    distill_model, compute_loss = build_distillation(teacher, prepare_student(student, config), config, layer_mapping(list(range(student.config.num_hidden_layers)), teacher.config.num_hidden_layers))
+    rows = prepare_data(args.data, load_tokenizer(args.teacher), args.seq_len).split("train")
+    input_ids = next(iterate_batches(rows, args.micro_batch_size)).to(args.device)
+    parameters = [p for p in distill_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5)
+
+    def kd_step():
+        compute_loss(distill_model, input_ids)["loss"].backward()
+
+    @torch.no_grad()
+    def teacher_forward():
+        teacher(input_ids=input_ids, use_cache=False).logits.sum().item()
+
+    def student_step():
+        lm_loss(plain_student(input_ids=input_ids, use_cache=False).logits, input_ids).backward()
+
+    kd_step()  # warm-up, and creates the gradients
+    optimizer.step()  # creates AdamW's moments, so they count in what must exist
+    teacher_forward()
+    student_step()
+    # the plain copy only exists for the separate timing: free its gradients before measuring memory
+    plain_student.zero_grad(set_to_none=True)
+    kd_seconds, teacher_seconds, student_seconds = [], [], []
+    peaks = []
+    for _ in range(args.rounds):
+        distill_model.zero_grad(set_to_none=False)
+        with memory:
+            kd_seconds.append(timed(kd_step))
+        peaks.append(memory.peak)
+        teacher_seconds.append(timed(teacher_forward))
+        student_seconds.append(timed(student_step))
+        plain_student.zero_grad(set_to_none=True)
+
+    tokens = input_ids.numel()
+    kd, teacher_s, student_s = (statistics.median(x) for x in (kd_seconds, teacher_seconds, student_seconds))
+    ratio = kd / (teacher_s + student_s)
+    # the distillation model's parameters() include the frozen teacher's: the student's are those that train
+    student_parameters = parameters
+    must_exist = {
+        "teacher_weights": tensor_bytes(teacher.parameters()),
+        "student_weights": tensor_bytes(student_parameters),
+        "student_gradients": tensor_bytes(p.grad for p in student_parameters),
+        "adamw_moments": tensor_bytes(t for state in optimizer.state.values() for t in (state["exp_avg"], state["exp_avg_sq"])),
+    }
+    # the plain copy of the student used for the separate timing lives in memory too; it is not part of a KD run
+    extra_copy = tensor_bytes(plain_student.parameters())
+    required = sum(must_exist.values())
+    peak = statistics.median(peaks) - baseline - extra_copy
+    gib = 1024 ** 3
+    payload = {
+        "benchmark": "distillation step vs teacher forward + student forward/backward; peak memory vs must-exist state",
+        "teacher": args.teacher, "student": args.student or f"random-init slice of {args.teacher}: hidden {args.hidden_size}, ffn {args.ffn_hidden_size}",
+        "student_parameters": sum(p.numel() for p in student_parameters), "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "micro_batch": [args.micro_batch_size, args.seq_len], "tokens_per_step": tokens, "rounds": args.rounds,
+        "kd_step_seconds": kd_seconds, "teacher_forward_seconds": teacher_seconds, "student_forward_backward_seconds": student_seconds,
+        "kd_over_parts": ratio, "target_kd_over_parts": 1.10, "within_target": ratio <= 1.10,
+        "kd_tokens_per_second": tokens / kd,
+        "memory_bytes": {**must_exist, "required_total": required, "peak_during_kd_step": peak, "peak_over_required": peak / required,
+                         "activations_and_temporaries": peak - required},
+        "memory_measure": "CUDA max_memory_allocated" if args.device.startswith("cuda") else
+                          "CPU resident set size sampled every 2 ms, minus the process before loading models and the separate-timing copy",
+        "machine": machine(),
+    }
+    rows_md = [
+        "| measure | median s | tokens/s |", "|---|---|---|",
+        f"| KD step (ModelOpt teacher fwd + student fwd/bwd + KL) | {kd:.2f} | {tokens / kd:,.0f} |",
+        f"| teacher forward alone | {teacher_s:.2f} | {tokens / teacher_s:,.0f} |",
+        f"| student forward/backward alone (LM loss) | {student_s:.2f} | {tokens / student_s:,.0f} |",
+        f"| sum of the parts | {teacher_s + student_s:.2f} | {tokens / (teacher_s + student_s):,.0f} |",
+    ]
+    memory_md = ["| memory | GiB |", "|---|---|"] + [f"| {name.replace('_', ' ')} | {value / gib:.3f} |" for name, value in must_exist.items()] + [
+        f"| **required total** | {required / gib:.3f} |", f"| **peak during the KD step** | {peak / gib:.3f} |",
+        f"| peak − required (activations, logits, temporaries) | {(peak - required) / gib:.3f} |"]
+    markdown = "\n".join([
+        "# Distillation speed and memory", "",
+        f"Teacher {args.teacher}; student {payload['student']} ({payload['student_parameters'] / 1e6:.1f}M parameters); "
+        f"micro-batch {args.micro_batch_size} x {args.seq_len} tokens; {args.rounds} alternating rounds, medians; "
+        f"{machine()['torch_threads']} torch threads on {machine()['cpu_count']} cores ({args.device}).", "",
+        *rows_md, "",
+        f"**KD step / (teacher forward + student forward/backward) = {ratio:.3f}** (target ≤ 1.10: {'met' if ratio <= 1.10 else 'NOT met'}).", "",
+        *memory_md, "",
+        f"Peak / required = {peak / required:.2f}. Memory measured as {payload['memory_measure']}.",
+    ])
+    write_results("distill_speed", payload, markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Soak test of `minitron serve` on a CPU engine: N concurrent streaming gRPC clients for a fixed time.
+
+    python benchmarks/soak_serve.py [--duration-s 600] [--clients 32] [--student DIR] [--profile cpu-fp32]
+
+The student defaults to smollm2-135m depth-pruned to 15 layers (`minitron prune ... --num-layers 15
+--calibration-samples 64`), built with `minitron build --profile cpu-fp32`, both cached under
+~/.cache/minitron/soak/. Reports requests answered, errors, latency / first-token percentiles per window
+and the RSS of the server's whole process group (tritonserver + python stubs) at start and end.
+Writes benchmarks/results/soak_serve.{json,md}.
+"""
+
+import argparse
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, write_results  # noqa: E402
+
+from toolchain.generate import generate_text  # noqa: E402
+from toolchain.paths import cache_dir  # noqa: E402
+
+WORK = cache_dir() / "soak"
+PROMPTS = ["The Python tutorial explains", "A list comprehension", "def fibonacci(n):", "Exceptions are raised when",
+           "The standard library module os", "Decorators wrap a function", "import json\n", "A generator yields values"]
+
+
+def minitron(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "toolchain", *args], check=True)
+
+
+def group_rss_mb(pgid: int) -> float:
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # fields after the command: state, ppid, pgrp, ...
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # rss in pages
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e6
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration-s", type=float, default=600)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--window-s", type=float, default=60)
+    parser.add_argument("--student", type=Path, help="a pruned student HF directory (default: prune smollm2-135m to 15 layers)")
+    parser.add_argument("--profile", default="cpu-fp32")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    student = args.student or WORK / "smollm2-135m-15layers"
+    if not (student / "config.json").is_file():
+        minitron("prune", "--model", "smollm2-135m", "--out", str(student), "--num-layers", "15", "--calibration-samples", "64")
+    engine_dir = WORK / f"engine-{student.name}-{args.profile}"
+    if not (engine_dir / "manifest.json").is_file():
+        minitron("build", "--profile", args.profile, "--model", str(student), "--out", str(engine_dir))
+
+    server = subprocess.Popen([sys.executable, "-m", "toolchain", "serve", "--engine", str(engine_dir), "--threads", str(args.threads)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    banner = ""
+    while not banner.splitlines()[-1:] or not banner.splitlines()[-1].startswith("ready"):
+        line = server.stdout.readline()
+        if not line:
+            raise SystemExit(f"minitron serve failed:\n{banner}")
+        banner += line
+    grpc_url = re.search(r"gRPC\s+(\S+)", banner).group(1)
+    pgid = int(re.search(r"process group (\d+)", banner).group(1))
+    threading.Thread(target=server.stdout.read, daemon=True).start()  # keep the pipe drained
+
+    for prompt in PROMPTS[:2]:  # warm-up, then the start RSS
+        "".join(generate_text(grpc_url, prompt, args.max_tokens, stream=True))
+    rss_start = group_rss_mb(pgid)
+    records, lock = [], threading.Lock()
+    t0 = time.monotonic()
+    deadline = t0 + args.duration_s
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        while time.monotonic() < deadline:
+            start = time.monotonic()
+            first, error, tokens = None, None, 0
+            try:
+                for _ in generate_text(grpc_url, rng.choice(PROMPTS), args.max_tokens, stream=True, timeout_s=300):
+                    first = first or time.monotonic() - start
+                    tokens += 1
+            except Exception as exc:  # counted, reported, and the client carries on
+                error = str(exc)[:200]
+            with lock:
+                records.append({"t": start - t0, "latency_s": time.monotonic() - start, "ttft_s": first, "tokens": tokens, "error": error})
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    for thread in clients:
+        thread.start()
+    rss_samples = []
+    while time.monotonic() < deadline:
+        time.sleep(min(10, max(0.1, deadline - time.monotonic())))
+        rss_samples.append((round(time.monotonic() - t0), group_rss_mb(pgid)))
+    for thread in clients:
+        thread.join()
+    rss_end = group_rss_mb(pgid)
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=120)
+
+    windows = []
+    for start in range(0, int(args.duration_s + args.window_s), int(args.window_s)):
+        inside = [r for r in records if start <= r["t"] < start + args.window_s]
+        ok = [r for r in inside if r["error"] is None]
+        if not inside:
+            continue
+        windows.append({"window_start_s": start, "requests": len(inside), "errors": len(inside) - len(ok),
+                        "latency_p50_s": percentile([r["latency_s"] for r in ok], 0.5), "latency_p90_s": percentile([r["latency_s"] for r in ok], 0.9),
+                        "latency_p99_s": percentile([r["latency_s"] for r in ok], 0.99), "ttft_p50_s": percentile([r["ttft_s"] for r in ok if r["ttft_s"]], 0.5),
+                        "ttft_p99_s": percentile([r["ttft_s"] for r in ok if r["ttft_s"]], 0.99)})
+    ok = [r for r in records if r["error"] is None]
+    errors = [r["error"] for r in records if r["error"] is not None]
+    output_tokens = sum(r["tokens"] for r in ok)
+    payload = {"student": str(student), "profile": args.profile, "engine_threads": args.threads, "clients": args.clients,
+               "duration_s": args.duration_s, "max_tokens": args.max_tokens, "requests": len(records), "answered": len(ok),
+               "errors": len(errors), "error_examples": sorted(set(errors))[:5], "stream_pieces_per_s": output_tokens / args.duration_s,
+               "latency_p50_s": percentile([r["latency_s"] for r in ok], 0.5), "latency_p99_s": percentile([r["latency_s"] for r in ok], 0.99),
+               "rss_start_mb": rss_start, "rss_end_mb": rss_end, "rss_growth_pct": 100 * (rss_end - rss_start) / rss_start,
+               "rss_samples": rss_samples, "windows": windows, "server_exit_code": server.returncode, "machine": machine()}
+    lines = [f"# Soak: {args.clients} streaming gRPC clients for {args.duration_s / 60:.1f} min against `minitron serve`", "",
+             f"Engine: {student.name} built with profile {args.profile}, {args.threads} engine thread(s), {args.max_tokens} new tokens "
+             f"per request, greedy. Machine: {os.cpu_count()} cores shared with other jobs.", "",
+             f"- requests answered: **{len(ok)}** of {len(records)}; errors: **{len(errors)}**",
+             f"- streamed pieces/s (about tokens/s): {payload['stream_pieces_per_s']:.1f}; latency p50 {payload['latency_p50_s']:.2f} s, "
+             f"p99 {payload['latency_p99_s']:.2f} s",
+             f"- server RSS (tritonserver + stubs): {rss_start:.0f} MB at start, {rss_end:.0f} MB at end "
+             f"(**{payload['rss_growth_pct']:+.1f}%**); exit code after SIGTERM {server.returncode}", "",
+             "| window start s | requests | errors | latency p50 s | p90 s | p99 s | first token p50 s | p99 s |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {w['window_start_s']} | {w['requests']} | {w['errors']} | {w['latency_p50_s']:.2f} | {w['latency_p90_s']:.2f} | "
+              f"{w['latency_p99_s']:.2f} | {w['ttft_p50_s']:.2f} | {w['ttft_p99_s']:.2f} |" for w in windows]
+    if errors:
+        lines += ["", "Error examples: " + "; ".join(payload["error_examples"])]
+    write_results("soak_serve", payload, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

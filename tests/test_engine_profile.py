@@ -1,0 +1,79 @@
+"""Engine profiles: every shipped one loads; self-contradicting ones are refused with the reason."""
+
+import pytest
+import yaml
+
+from toolchain.engine_profile import PROFILES_DIR, load_profile, shipped_profile_names
+from toolchain.errors import UserError
+
+REQUIRED = {"h100-fp8": ("tensorrt-llm", "H100", "fp8"), "h200-fp8": ("tensorrt-llm", "H200", "fp8"),
+            "a100-bf16": ("tensorrt-llm", "A100", "none"), "l40s-fp8": ("tensorrt-llm", "L40S", "fp8"),
+            "l4-int4-awq": ("tensorrt-llm", "L4", "int4_awq"), "cpu-fp32": ("onnxruntime-genai", "cpu", "none"),
+            "cpu-int4": ("onnxruntime-genai", "cpu", "int4_rtn")}
+
+
+@pytest.mark.parametrize("name", shipped_profile_names())
+def test_every_shipped_profile_loads_by_name_and_path(name):
+    profile = load_profile(name)
+    assert profile.name == name
+    assert load_profile(PROFILES_DIR / f"{name}.yaml") == profile
+    assert profile.contradictions() == []
+
+
+def test_required_profiles_are_shipped():
+    for name, (backend, target, quantization) in REQUIRED.items():
+        profile = load_profile(name)
+        assert (profile.backend, profile.target, profile.quantization) == (backend, target, quantization)
+
+
+GPU_BASE = yaml.safe_load((PROFILES_DIR / "h100-fp8.yaml").read_text())
+CPU_BASE = yaml.safe_load((PROFILES_DIR / "cpu-fp32.yaml").read_text())
+
+
+def changed(base: dict, **changes) -> dict:
+    data = {key: dict(value) if isinstance(value, dict) else value for key, value in base.items()}
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            data[section][field] = value
+        else:
+            data[key] = value
+    return data
+
+
+@pytest.mark.parametrize("data, reason", [
+    (changed(GPU_BASE, max_input_len=9000), "max_input_len 9000 > max_seq_len 8192"),
+    (changed(GPU_BASE, target="A100"), "FP8 on A100"),
+    (changed(GPU_BASE, target="A100", quantization="int8_sq", kv_cache__dtype="fp8", plugins__use_fp8_context_fmha=False), "FP8 on A100"),
+    (changed(GPU_BASE, target="TPUv5"), "unknown GPU target 'TPUv5'"),
+    (changed(GPU_BASE, dtype="float32"), "dtype float32 on tensorrt-llm"),
+    (changed(GPU_BASE, quantization="int4_rtn"), "int4_rtn is the CPU engine's quantization"),
+    (changed(GPU_BASE, quantization="none", plugins__use_fp8_context_fmha=False), "kv_cache.dtype fp8 is calibrated together"),
+    (changed(GPU_BASE, max_num_tokens=None), "max_num_tokens is required"),
+    (changed(GPU_BASE, kv_cache__type="continuous"), "use_paged_context_fmha needs context_fmha and a paged KV cache"),
+    (changed(GPU_BASE, plugins__gpt_attention_plugin="disable"), "paged KV cache needs the gpt_attention_plugin"),
+    (changed(GPU_BASE, kv_cache__tokens_per_block=48), "tokens_per_block 48 is not a power of two"),
+    (changed(GPU_BASE, plugins__use_paged_context_fmha=False, plugins__use_fp8_context_fmha=False), "KV block reuse needs"),
+    (changed(CPU_BASE, tp=2), "tp=2, pp=1 on a CPU engine"),
+    (changed(CPU_BASE, target="H100"), "builds CPU engines, but target is 'H100'"),
+    (changed(CPU_BASE, quantization="fp8"), "quantization fp8 is a ModelOpt format for TensorRT-LLM"),
+    (changed(CPU_BASE, dtype="bfloat16"), "dtype bfloat16 on CPU"),
+    (changed(CPU_BASE, max_input_len=4096), "max_input_len 4096 > max_seq_len 2048"),
+    (changed(CPU_BASE, max_batch_sise=4), "max_batch_sise: Extra inputs are not permitted"),
+])
+def test_contradicting_profiles_are_refused(tmp_path, data, reason):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match="invalid engine profile") as caught:
+        load_profile(path)
+    assert reason in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_unknown_profile_names_and_files(tmp_path):
+    with pytest.raises(UserError, match="unknown engine profile 'h900-fp4'.*h100-fp8"):
+        load_profile("h900-fp4")
+    with pytest.raises(UserError, match="does not exist"):
+        load_profile(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must be a YAML mapping"):
+        load_profile(tmp_path / "list.yaml")

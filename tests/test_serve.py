@@ -1,0 +1,280 @@
+"""`minitron serve` / `minitron generate` against a real Triton server (nvidia-pytriton's) on a tiny CPU engine.
+
+One server per session, started through the CLI exactly as a user would, on free 127.0.0.1 ports;
+the last test stops it and checks nothing is left behind. Repository writing and the refusals need
+no server.
+"""
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, save_tiny_model
+from toolchain.generate import GenerationError, generate_text
+from toolchain.manifest import write_manifest
+
+pytest.importorskip("pytriton")
+pytest.importorskip("onnxruntime_genai")
+
+MAX_INPUT_LEN = 48
+PROMPTS = ["Document 3. the model reads", "the server packs ten tokens", "a student distills the logits number",
+           "Document 12.", "every layer exports", "the cache", "one batch writes a sequence number 4.", "the teacher"]
+
+
+def write_engine_manifest(engine_dir: Path, profile_name: str, backend: str, model_dir: str, built: bool = True, **limits) -> None:
+    from toolchain.engine_profile import load_profile
+
+    profile = load_profile(profile_name)
+    write_manifest(engine_dir, backend=backend, profile_name=profile.name, profile=profile.model_dump(mode="json"),
+                   source_model="tiny", source_fingerprint="0" * 16, model_dir=model_dir, built=built,
+                   max_batch_size=limits.get("max_batch_size", profile.max_batch_size),
+                   max_input_len=limits.get("max_input_len", profile.max_input_len),
+                   max_seq_len=limits.get("max_seq_len", profile.max_seq_len), seconds=0.0)
+
+
+@pytest.fixture(scope="session")
+def cpu_engine_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A CPU engine directory as `minitron build` lays it out: manifest.json, tokenizer/, model/."""
+    from toolchain.cpu_engine import build_cpu_engine
+
+    root = tmp_path_factory.mktemp("serve")
+    checkpoint = save_tiny_model(root / "checkpoint", tokenizer_dir)
+    engine_dir = root / "engine"
+    build_cpu_engine(checkpoint, engine_dir / "model", "fp32")
+    shutil.copytree(tokenizer_dir, engine_dir / "tokenizer")
+    write_engine_manifest(engine_dir, "cpu-fp32", "onnxruntime-genai", "model", max_batch_size=8, max_input_len=MAX_INPUT_LEN, max_seq_len=128)
+    return engine_dir
+
+
+class ServeProcess:
+    def __init__(self, engine_dir: Path):
+        self.process = subprocess.Popen([sys.executable, "-m", "toolchain", "serve", "--engine", str(engine_dir), "--threads", "1"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if line.startswith("ready"):
+                break
+        output = "".join(self.lines)
+        if not output.splitlines() or not output.splitlines()[-1].startswith("ready"):
+            self.stop()
+            pytest.fail(f"minitron serve did not become ready:\n{output}")
+        self.http = re.search(r"HTTP\s+http://(\S+)", output).group(1)
+        self.grpc = re.search(r"gRPC\s+(\S+)", output).group(1)
+        self.metrics = re.search(r"metrics\s+(\S+)", output).group(1)
+        self.process_group = int(re.search(r"process group (\d+)", output).group(1))
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        rest, _ = self.process.communicate(timeout=60)
+        return rest
+
+
+@pytest.fixture(scope="session")
+def server(cpu_engine_dir):
+    running = ServeProcess(cpu_engine_dir)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def local_engine(cpu_engine_dir):
+    """The same engine run in this process: the reference for what Triton returns."""
+    from toolchain.cpu_engine import CpuEngine
+
+    with CpuEngine(cpu_engine_dir, threads=1) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def in_process_greedy(local_engine):
+    return lambda prompt, max_tokens: local_engine.decode(list(local_engine.generate(prompt, max_new_tokens=max_tokens)))
+
+
+def test_health_and_metadata(server):
+    import urllib.request
+
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("ensemble")
+    metadata = client.get_model_metadata("ensemble")
+    assert {tensor["name"]: tensor["datatype"] for tensor in metadata["inputs"]} == {
+        "text_input": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "temperature": "FP32", "top_k": "INT32",
+        "top_p": "FP32", "end_id": "INT32", "seed": "UINT64"}
+    assert [tensor["name"] for tensor in metadata["outputs"]] == ["text_output"]
+    assert client.get_model_config("ensemble")["model_transaction_policy"]["decoupled"] is True
+    with urllib.request.urlopen(server.metrics, timeout=10) as response:
+        assert "nv_inference_request_success" in response.read().decode()
+
+
+def test_http_generate_and_generate_stream_equal_in_process_greedy(server, in_process_greedy):
+    expected = in_process_greedy(PROMPTS[0], 12)
+    assert list(generate_text(server.http, PROMPTS[0], 12, stream=False, protocol="http")) == [expected]
+    pieces = list(generate_text(server.http, PROMPTS[0], 12, stream=True, protocol="http"))
+    assert len(pieces) > 1 and "".join(pieces) == expected
+
+
+def test_grpc_streams_token_by_token(server, local_engine, in_process_greedy):
+    expected = in_process_greedy(PROMPTS[1], 16)
+    pieces = list(generate_text(server.grpc, PROMPTS[1], 16, stream=True))
+    assert len(pieces) >= len(list(local_engine.generate(PROMPTS[1], max_new_tokens=16))) and "".join(pieces) == expected
+    assert list(generate_text(server.grpc, PROMPTS[1], 16, stream=False)) == [expected]
+
+
+def test_eight_concurrent_requests_are_all_answered_correctly(server, in_process_greedy):
+    expected = [in_process_greedy(prompt, 10) for prompt in PROMPTS]
+
+    def ask(i):
+        protocol, url = ("grpc", server.grpc) if i % 2 else ("http", server.http)
+        return "".join(generate_text(url, PROMPTS[i], 10, stream=i % 4 < 2, protocol=protocol))
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        assert list(pool.map(ask, range(len(PROMPTS)))) == expected
+
+
+def test_seeded_sampling_through_triton_repeats(server):
+    first = "".join(generate_text(server.grpc, PROMPTS[2], 10, temperature=1.0, top_k=40, seed=11))
+    assert first == "".join(generate_text(server.grpc, PROMPTS[2], 10, temperature=1.0, top_k=40, seed=11))
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("prompt, max_tokens, message", [
+    ("", 8, "empty prompt"),
+    ("the model", 0, "max_tokens must be positive"),
+    ("the model", 500, "above the engine limit"),
+    ("the model reads the weights " * 20, 4, f"more than the engine's max_input_len {MAX_INPUT_LEN}"),
+])
+def test_bad_requests_get_an_error_and_the_server_keeps_serving(server, protocol, prompt, max_tokens, message):
+    url = server.grpc if protocol == "grpc" else server.http
+    with pytest.raises(GenerationError, match=message):
+        list(generate_text(url, prompt, max_tokens, protocol=protocol))
+    assert len("".join(generate_text(url, PROMPTS[3], 4, protocol=protocol))) > 0
+
+
+def test_wrong_tensor_type_and_unknown_model_are_refused(server):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(GenerationError, match="unknown model|not found"):
+        list(generate_text(server.grpc, "the model", 4, model="no_such_model"))
+    client = grpcclient.InferenceServerClient(server.grpc)
+    text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[b"the model"]], dtype=np.object_))
+    max_tokens = grpcclient.InferInput("max_tokens", [1, 1], "FP32")  # the model takes INT32
+    max_tokens.set_data_from_numpy(np.array([[4.0]], dtype=np.float32))
+    errors = queue.Queue()
+    client.start_stream(callback=lambda result, error: errors.put(error))
+    client.async_stream_infer("ensemble", [text, max_tokens])
+    error = errors.get(timeout=30)
+    client.stop_stream()
+    client.close()
+    assert isinstance(error, InferenceServerException) and "max_tokens" in error.message() and "FP32" in error.message()
+    assert "".join(generate_text(server.grpc, PROMPTS[3], 4))
+
+
+def test_generate_cli_prints_text(server, in_process_greedy):
+    result = run_cli("generate", "--url", server.grpc, "--prompt", PROMPTS[4], "--max-tokens", "8", "--stream")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == in_process_greedy(PROMPTS[4], 8) + "\n"
+    refused = run_cli("generate", "--url", server.http, "--protocol", "http", "--prompt", "", "--max-tokens", "4")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "empty prompt" in refused.stderr
+
+
+def test_serve_refuses_engine_dir_without_manifest(tmp_path):
+    result = run_cli("serve", "--engine", tmp_path)
+    assert result.returncode == 2 and "no manifest.json" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_serve_refuses_a_port_in_use(cpu_engine_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_cli("serve", "--engine", cpu_engine_dir, "--http-port", taken.getsockname()[1])
+    assert result.returncode == 2 and "is not free" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_repo_only_writes_the_cpu_repository(cpu_engine_dir, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    result = run_cli("serve", "--engine", cpu_engine_dir, "--repo-only", tmp_path / "repo", "--instances", "2", "--max-batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    config = text_format.Parse((tmp_path / "repo" / "ensemble" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.backend == "python" and config.max_batch_size == 4 and config.model_transaction_policy.decoupled
+    assert config.instance_group[0].count == 2
+    assert config.parameters["engine_dir"].string_value == str(cpu_engine_dir.resolve())
+    assert "TritonPythonModel" in (tmp_path / "repo" / "ensemble" / "1" / "model.py").read_text()
+
+
+@pytest.fixture
+def trtllm_engine_dir(tmp_path, tokenizer_dir) -> Path:
+    engine_dir = tmp_path / "trtllm-engine"
+    (engine_dir / "engine").mkdir(parents=True)
+    shutil.copytree(tokenizer_dir, engine_dir / "tokenizer")
+    write_engine_manifest(engine_dir, "h100-fp8", "tensorrt-llm", "engine", built=False)
+    return engine_dir
+
+
+def test_repo_only_writes_the_tensorrt_llm_inflight_batching_layout(trtllm_engine_dir, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from toolchain.engine_profile import load_profile
+
+    profile = load_profile("h100-fp8")
+    result = run_cli("serve", "--engine", trtllm_engine_dir, "--repo-only", tmp_path / "repo", "--max-batch-size", "512")
+    assert result.returncode == 0, result.stderr
+    assert "build the engine first" in result.stdout
+    configs = {name: text_format.Parse((tmp_path / "repo" / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+               for name in ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble")}
+    llm = configs["tensorrt_llm"]
+    assert llm.backend == "tensorrtllm" and llm.model_transaction_policy.decoupled
+    assert llm.max_batch_size == profile.max_batch_size  # capped by the engine's limit
+    assert llm.parameters["gpt_model_path"].string_value == str((trtllm_engine_dir / "engine").resolve())
+    assert llm.parameters["gpt_model_type"].string_value == "inflight_fused_batching"
+    assert float(llm.parameters["kv_cache_free_gpu_mem_fraction"].string_value) == profile.kv_cache.free_gpu_memory_fraction
+    assert configs["preprocessing"].parameters["tokenizer_dir"].string_value == str((trtllm_engine_dir / "tokenizer").resolve())
+    assert configs["preprocessing"].parameters["max_input_len"].string_value == str(profile.max_input_len)
+    ensemble = configs["ensemble"]
+    assert ensemble.platform == "ensemble" and [step.model_name for step in ensemble.ensemble_scheduling.step] == [
+        "preprocessing", "tensorrt_llm", "postprocessing"]
+    assert {tensor.name for tensor in ensemble.input} >= {"text_input", "max_tokens", "stream", "temperature", "top_k", "top_p", "end_id"}
+    produced = {value for step in ensemble.ensemble_scheduling.step for value in step.output_map.values()}
+    consumed = {value for step in ensemble.ensemble_scheduling.step for value in step.input_map.values()}
+    assert consumed - produced <= {tensor.name for tensor in ensemble.input}  # every step input is wired
+    for name in ("preprocessing", "postprocessing"):
+        assert "TritonPythonModel" in (tmp_path / "repo" / name / "1" / "model.py").read_text()
+
+
+def test_serve_refuses_to_start_a_tensorrt_llm_engine_here(trtllm_engine_dir):
+    result = run_cli("serve", "--engine", trtllm_engine_dir)
+    assert result.returncode == 2 and "--repo-only" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_stop_leaves_no_process_or_shared_memory_behind(server):
+    """Last test of the session server: SIGTERM `minitron serve` and look for leftovers."""
+    segments = lambda: list(Path("/dev/shm").glob(f"*minitron{server.process.pid}-*"))  # noqa: E731
+    assert segments(), "the running server should hold python-backend shared memory"
+    output = server.stop()
+    assert server.process.returncode == 0, output
+    assert "stopped; no process or shared-memory segment left" in output
+    with pytest.raises(ProcessLookupError):
+        os.killpg(server.process_group, 0)
+    assert segments() == []

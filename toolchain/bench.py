@@ -1,0 +1,242 @@
+"""`minitron bench`: latency and throughput of engines served through Triton, students against their teacher.
+
+Each target is an engine directory (a Triton server is started on it, measured and stopped) or the
+URL of a running server (e.g. a TensorRT-LLM engine in NVIDIA's Triton container). Every target gets
+the same workload: prompts cut from the eval split of the data (`input_len` tokens of real text
+each), `output_len` new tokens asked for greedily, streamed over gRPC by `concurrency` clients until
+`requests` requests have been answered. Per concurrency level it reports what trtllm-bench and
+genai-perf report: request throughput, output tokens/s, time to first token (TTFT), inter-token
+latency (ITL) and end-to-end latency, each as mean/p50/p90/p99, and the ratio of every target to the
+first one (the teacher). It does not tune or warm the server beyond one request per target.
+"""
+
+import contextlib
+import json
+import math
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolchain.data import prepare_data
+from toolchain.errors import UserError
+from toolchain.generate import GenerationError, generate_text
+from toolchain.manifest import read_manifest
+from toolchain.models import load_tokenizer
+from toolchain.paths import atomic_write_text
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class RequestTiming:
+    started: float
+    first_response: float | None = None
+    finished: float | None = None
+    pieces: int = 0
+    error: str | None = None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (the definition genai-perf and trtllm-bench use for small samples)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def summarize(values: list[float]) -> dict:
+    if not values:
+        return {}
+    return {"mean": statistics.fmean(values), **{f"p{q}": percentile(values, q) for q in PERCENTILES}}
+
+
+def workload_prompts(tokenizer, data: str, input_len: int, count: int) -> list[str]:
+    """`count` prompts of `input_len` tokens of real text from the eval split (cycled if it is short)."""
+    rows = prepare_data(data, tokenizer, input_len).split("eval")
+    return [tokenizer.decode(rows[i % len(rows)].tolist(), skip_special_tokens=True) for i in range(count)]
+
+
+def one_request(url: str, prompt: str, output_len: int) -> RequestTiming:
+    timing = RequestTiming(started=time.perf_counter())
+    try:
+        for piece in generate_text(url, prompt, max_tokens=output_len, stream=True, protocol="grpc"):
+            timing.first_response = timing.first_response or time.perf_counter()
+            timing.pieces += 1
+    except (GenerationError, ConnectionError) as exc:
+        timing.error = str(exc)
+    timing.finished = time.perf_counter()
+    return timing
+
+
+def run_level(url: str, prompts: list[str], output_len: int, concurrency: int) -> dict:
+    """`concurrency` clients take prompts from a shared queue until all are answered.
+
+    Output tokens are the streamed responses: both the CPU model and TensorRT-LLM's streaming
+    postprocessing send one per token (the CPU model adds one more only when the answer ends inside
+    a multi-byte character). Re-tokenizing the text, as genai-perf does, miscounts when a model emits
+    byte fragments. ITL = (latency - TTFT) / (tokens - 1).
+    """
+    timings: list[RequestTiming] = []
+    lock = threading.Lock()
+    next_prompt = iter(prompts)
+
+    def client() -> None:
+        while True:
+            with lock:
+                prompt = next(next_prompt, None)
+            if prompt is None:
+                return
+            timing = one_request(url, prompt, output_len)
+            with lock:
+                timings.append(timing)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    answered = [t for t in timings if t.error is None and t.first_response is not None]
+    tokens = [t.pieces for t in answered]
+    return {
+        "concurrency": concurrency,
+        "requests": len(timings),
+        "errors": len(timings) - len(answered),
+        "error_examples": sorted({t.error for t in timings if t.error})[:3],
+        "seconds": wall,
+        "request_throughput": len(answered) / wall,
+        "output_tokens_per_second": sum(tokens) / wall,
+        "output_tokens_per_request": sum(tokens) / max(1, len(answered)),
+        "ttft_s": summarize([t.first_response - t.started for t in answered]),
+        "itl_s": summarize([(t.finished - t.first_response) / (n - 1) for t, n in zip(answered, tokens) if n > 1]),
+        "latency_s": summarize([t.finished - t.started for t in answered]),
+    }
+
+
+@contextlib.contextmanager
+def served(target: str, threads: int | None, max_batch_size: int):
+    """Yield the gRPC URL of a target: a running server as given, or a Triton started on an engine dir."""
+    if not Path(target).is_dir():
+        yield target
+        return
+    from toolchain.serve.repository import write_model_repository
+    from toolchain.serve.server import TritonServer, choose_endpoints
+
+    manifest = read_manifest(Path(target))
+    if manifest.backend != "onnxruntime-genai":
+        raise UserError(f"{target} is a TensorRT-LLM engine: serve it in NVIDIA's Triton container and pass its gRPC HOST:PORT instead")
+    workspace = Path(tempfile.mkdtemp(prefix="minitron-bench-"))
+    server = TritonServer(workspace / "repository", workspace, choose_endpoints("127.0.0.1", None, None, None))
+    try:
+        write_model_repository(Path(target), manifest, server.repository, 1, max_batch_size, threads)
+        try:
+            server.start()
+        except RuntimeError as exc:
+            raise UserError(f"Triton did not start on {target}: {exc}".replace("\n", " | ")) from None
+        yield server.endpoints.grpc
+    finally:
+        server.stop()
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+def bench(targets: list[str], tokenizer: str | None = None, data: str = "builtin:python-docs", input_len: int = 128, output_len: int = 64,
+          concurrency: list[int] = (1, 4), requests: int = 16, threads: int | None = 1, max_batch_size: int = 8,
+          out: Path | None = None) -> dict:
+    """Measure every target with the same workload; the first target is the baseline of the ratios."""
+    if not targets:
+        raise UserError("name at least one target: an engine directory or a running server's gRPC HOST:PORT")
+    if input_len <= 0 or output_len <= 0 or requests <= 0 or any(c <= 0 for c in concurrency):
+        raise UserError("--input-len, --output-len, --requests and --concurrency must be positive")
+    for target in targets:  # every target checked before any server starts
+        if Path(target).is_dir():
+            read_manifest(Path(target))
+        elif ":" not in target:
+            raise UserError(f"bench target {target!r} is neither an engine directory nor a HOST:PORT URL")
+    tokenizer_source = tokenizer or next((str(Path(t) / read_manifest(Path(t)).tokenizer_dir) for t in targets if Path(t).is_dir()), None)
+    if tokenizer_source is None:
+        raise UserError("with only URL targets, pass --tokenizer (a model directory or built-in name) to cut the prompts")
+    prompts = workload_prompts(load_tokenizer_or_dir(tokenizer_source), data, input_len, requests)
+    results = {"workload": {"data": data, "input_len": input_len, "output_len": output_len, "requests": requests,
+                            "concurrency": list(concurrency), "engine_threads": threads}, "targets": []}
+    for target in targets:
+        with served(target, threads, max_batch_size) as url:
+            one_request(url, prompts[0], 4)  # warm-up: first-request costs are not the engine's speed
+            levels = [run_level(url, prompts, output_len, level) for level in concurrency]
+        results["targets"].append({"target": target, "levels": levels})
+    add_ratios(results)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(out) / "bench.json", json.dumps(results, indent=2))
+        atomic_write_text(Path(out) / "bench.md", format_bench(results))
+    return results
+
+
+def load_tokenizer_or_dir(source: str):
+    """A tokenizer from a model directory/built-in, or from an engine's bare tokenizer/ folder."""
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source)
+    return load_tokenizer(source)
+
+
+def add_ratios(results: dict) -> None:
+    baseline = results["targets"][0]["levels"]
+    for target in results["targets"]:
+        for level, base in zip(target["levels"], baseline):
+            level["vs_first"] = {
+                "output_tokens_per_second": ratio(level["output_tokens_per_second"], base["output_tokens_per_second"]),
+                "ttft_p50": ratio(base["ttft_s"].get("p50"), level["ttft_s"].get("p50")),
+                "latency_p50": ratio(base["latency_s"].get("p50"), level["latency_s"].get("p50")),
+            }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
+def format_bench(results: dict) -> str:
+    w = results["workload"]
+    lines = [f"Workload: {w['requests']} requests, {w['input_len']} prompt tokens, up to {w['output_len']} new tokens (greedy, streamed over gRPC), "
+             f"engine threads {w['engine_threads']}, data {w['data']}.", "",
+             "| target | conc. | req/s | out tok/s | TTFT p50 ms | ITL p50 ms | latency p50 / p99 s | errors | speed-up vs first (tok/s, latency) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for target in results["targets"]:
+        for level in target["levels"]:
+            ms = lambda stats, key: f"{stats[key] * 1e3:.0f}" if stats else "–"  # noqa: E731
+            latency = level["latency_s"]
+            vs = level["vs_first"]
+            lines.append(f"| {Path(target['target']).name or target['target']} | {level['concurrency']} | {level['request_throughput']:.2f} | "
+                         f"{level['output_tokens_per_second']:.1f} | {ms(level['ttft_s'], 'p50')} | {ms(level['itl_s'], 'p50')} | "
+                         f"{latency.get('p50', float('nan')):.2f} / {latency.get('p99', float('nan')):.2f} | {level['errors']} | "
+                         f"{format_ratio(vs['output_tokens_per_second'])}, {format_ratio(vs['latency_p50'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value else "–"
+
+
+def configure_parser(parser) -> None:
+    parser.add_argument("targets", nargs="+", help="engine directories (a Triton server is started on each) or running servers' gRPC HOST:PORT; "
+                                                  "the first is the baseline (the teacher)")
+    parser.add_argument("--tokenizer", help="tokenizer for the prompts (default: the first engine's)")
+    parser.add_argument("--data", default="builtin:python-docs", help="where the prompts come from (eval split; default builtin:python-docs)")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens (default 128)")
+    parser.add_argument("--output-len", type=int, default=64, help="new tokens asked for (default 64; EOS may end a request earlier)")
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4], help="comma-separated client counts (default 1,4)")
+    parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level (default 16)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU engine threads (default 1, pinned for stable numbers)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="largest batch the server forms (default 8)")
+    parser.add_argument("--out", type=Path, help="write bench.json and bench.md into this directory")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+
+def command(args) -> int:
+    results = bench(args.targets, args.tokenizer, args.data, args.input_len, args.output_len, args.concurrency, args.requests,
+                    args.threads, args.max_batch_size, args.out)
+    print(json.dumps(results, indent=2) if args.json else format_bench(results))
+    return 0

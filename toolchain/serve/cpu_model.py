@@ -1,0 +1,87 @@
+"""Triton python-backend model that serves a CPU engine behind the TensorRT-LLM ensemble's interface.
+
+Copied by `minitron serve` into `<repository>/ensemble/1/model.py`; it runs inside Triton's python
+stub, never in the toolchain's own process. Inputs text_input, max_tokens and optional stream,
+temperature, top_k, top_p, end_id, seed; output text_output. The model is decoupled: with
+stream=true every new token goes out as its own response, otherwise one response carries the whole
+text. `execute` only checks and queues requests; one thread per request relays tokens from the
+CpuEngine, whose engine thread batches all requests of this instance together.
+"""
+
+import json
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from toolchain.cpu_engine import CpuEngine, InvalidRequest
+
+OPTIONAL_SCALARS = {"stream": False, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "end_id": None, "seed": None}
+
+
+def scalar(request, name, default):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return default
+    values = tensor.as_numpy().reshape(-1)
+    if values.size != 1:
+        raise InvalidRequest(f"input {name} must hold one value per request, got {values.size}")
+    value = values[0]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def text_response(text: str):
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_))])
+
+
+def error_response(message: str):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = {key: value["string_value"] for key, value in json.loads(args["model_config"])["parameters"].items()}
+        self.engine = CpuEngine(parameters["engine_dir"], threads=int(parameters["threads"]) or None,
+                                max_batch_size=int(parameters["engine_max_batch_size"]))
+
+    def parse(self, request) -> dict:
+        prompt = scalar(request, "text_input", None)
+        prompt = prompt.decode("utf-8", errors="replace") if isinstance(prompt, bytes) else str(prompt)
+        if not prompt.strip():
+            raise InvalidRequest("empty prompt: text_input must hold some text")
+        job = {name: scalar(request, name, default) for name, default in OPTIONAL_SCALARS.items()}
+        job["prompt_ids"] = self.engine.encode(prompt)
+        job["max_tokens"] = int(scalar(request, "max_tokens", None))
+        self.engine.check_request(job["prompt_ids"], job["max_tokens"], job["temperature"], job["top_k"], job["top_p"])
+        return job
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                job = self.parse(request)
+                tokens = self.engine.generate(job["prompt_ids"], job["max_tokens"], job["temperature"], job["top_k"], job["top_p"],
+                                              job["end_id"], job["seed"])
+            except Exception as exc:  # a bad request gets an error response; the model stays up
+                sender.send(error_response(str(exc) if isinstance(exc, InvalidRequest) else f"bad request: {exc}"),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            threading.Thread(target=self.respond, args=(tokens, job["stream"], sender), daemon=True).start()
+        return None
+
+    def respond(self, tokens, stream: bool, sender) -> None:
+        try:
+            if stream:
+                for piece in self.engine.stream_text(tokens):
+                    if sender.is_cancelled():
+                        tokens.close()  # frees the engine slot
+                        break
+                    sender.send(text_response(piece))
+            else:
+                sender.send(text_response(self.engine.decode(list(tokens))))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as exc:  # an engine failure ends this request with an error, never the server
+            sender.send(error_response(f"generation failed: {exc}"), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def finalize(self):
+        self.engine.close()
