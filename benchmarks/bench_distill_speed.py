@@ -120,6 +120,8 @@ def main() -> None:
     @torch.no_grad()
     def teacher_forward():
         teacher(input_ids=input_ids, use_cache=False).logits.sum().item()
+        # ModelOpt's capture hook on the teacher's lm_head kept these logits; drop them so they do not count in the KD peak
+        teacher.lm_head._intermediate_output = None
 
     def student_step():
         lm_loss(plain_student(input_ids=input_ids, use_cache=False).logits, input_ids).backward()

@@ -134,6 +134,7 @@ def main() -> None:
                "errors": len(errors), "error_examples": sorted(set(errors))[:5], "stream_pieces_per_s": output_tokens / args.duration_s,
                "latency_p50_s": percentile([r["latency_s"] for r in ok], 0.5), "latency_p99_s": percentile([r["latency_s"] for r in ok], 0.99),
                "rss_start_mb": rss_start, "rss_end_mb": rss_end, "rss_growth_pct": 100 * (rss_end - rss_start) / rss_start,
+               "rss_first_loaded_mb": rss_samples[0][1], "rss_growth_under_load_pct": 100 * (rss_end - rss_samples[0][1]) / rss_samples[0][1],
                "rss_samples": rss_samples, "windows": windows, "server_exit_code": server.returncode, "machine": machine()}
     lines = [f"# Soak: {args.clients} streaming gRPC clients for {args.duration_s / 60:.1f} min against `minitron serve`", "",
              f"Engine: {student.name} built with profile {args.profile}, {args.threads} engine thread(s), {args.max_tokens} new tokens "
@@ -142,7 +143,8 @@ def main() -> None:
              f"- streamed pieces/s (about tokens/s): {payload['stream_pieces_per_s']:.1f}; latency p50 {payload['latency_p50_s']:.2f} s, "
              f"p99 {payload['latency_p99_s']:.2f} s",
              f"- server RSS (tritonserver + stubs): {rss_start:.0f} MB at start, {rss_end:.0f} MB at end "
-             f"(**{payload['rss_growth_pct']:+.1f}%**); exit code after SIGTERM {server.returncode}", "",
+             f"(**{payload['rss_growth_pct']:+.1f}%**); first sample under full load ({rss_samples[0][0]} s) {rss_samples[0][1]:.0f} MB, "
+             f"growth from there **{payload['rss_growth_under_load_pct']:+.1f}%**; exit code after SIGTERM {server.returncode}", "",
              "| window start s | requests | errors | latency p50 s | p90 s | p99 s | first token p50 s | p99 s |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {w['window_start_s']} | {w['requests']} | {w['errors']} | {w['latency_p50_s']:.2f} | {w['latency_p90_s']:.2f} | "
               f"{w['latency_p99_s']:.2f} | {w['ttft_p50_s']:.2f} | {w['ttft_p99_s']:.2f} |" for w in windows]

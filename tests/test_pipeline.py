@@ -24,6 +24,8 @@ def tiny_recipe(tmp_path, make_tiny_model, corpus_jsonl):
             {"name": "depth", "prune": {"num_layers": 2, "depth_method": "block_importance", "calibration_samples": 8}},
         ],
         "distill": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "save_every": 1},
+        "quantize": {"format": "fp8", "calibration_samples": 4},
+        "export": {"format": "trtllm", "dtype": "bfloat16"},
         "engine": {"profile": "cpu-fp32"},
         "bench": {"input_len": 16, "output_len": 4, "concurrency": [1], "requests": 2},
     }
@@ -32,6 +34,7 @@ def tiny_recipe(tmp_path, make_tiny_model, corpus_jsonl):
     return path
 
 
+@pytest.mark.slow
 def test_run_whole_pipeline_then_resume(tiny_recipe, tmp_path):
     summary = run_pipeline(load_recipe(str(tiny_recipe)))
     run_dir = tmp_path / "run"
@@ -39,8 +42,15 @@ def test_run_whole_pipeline_then_resume(tiny_recipe, tmp_path):
     for student in summary["students"]:
         assert student["parameters"] < summary["teacher"]["parameters"]
         assert student["distilled"]["kl"] >= 0 and student["pruned"]["perplexity"] > 1
-        manifest = json.loads((run_dir / "students" / student["name"] / "engine" / "manifest.json").read_text())
-        assert manifest["backend"] == "onnxruntime-genai"
+        student_dir = run_dir / "students" / student["name"]
+        manifest = json.loads((student_dir / "engine" / "manifest.json").read_text())
+        assert manifest["backend"] == "onnxruntime-genai" and manifest["source_model"] == str(student_dir / "distilled")
+        assert student["quantized"]["format"] == "fp8" and student["quantized"]["perplexity_after"] > 1
+        trtllm_config = json.loads((student_dir / "export-trtllm" / "config.json").read_text())
+        assert trtllm_config["quantization"]["quant_algo"] == "FP8" and (student_dir / "export-trtllm" / "rank0.safetensors").is_file()
+    bench = summary["bench"]
+    assert [t["target"] for t in bench["targets"]] == [str(run_dir / "teacher-engine")] + [s["engine"] for s in summary["students"]]
+    assert all(level["errors"] == 0 for t in bench["targets"] for level in t["levels"])
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     assert "| width (distilled) |" in (run_dir / "summary.md").read_text()
     # A rerun finds every stage done and returns the same summary without recomputing.

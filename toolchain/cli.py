@@ -9,6 +9,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 
 from toolchain import __version__
@@ -47,6 +48,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def interrupt_on_sigterm(signum, frame) -> None:
+    """SIGTERM takes the Ctrl-C path: temporary outputs are removed and training writes a checkpoint."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     try:
         return importlib.import_module(args.module_name).command(args) or 0
     except UserError as exc:

@@ -1,7 +1,7 @@
 """`minitron run RECIPE`: the whole Minitron pipeline from one recipe, resumable stage by stage.
 
-teacher correction → teacher eval → per student: prune → eval → distill → engine build (the
-profile quantizes as it says) → teacher engine + Triton benchmark of all engines → a summary table. Every stage writes its own directory atomically under the run folder, so a
+teacher correction → teacher eval → per student: prune → eval → distill → quantize → export → engine
+build (from the distilled student; the profile quantizes as it says) → teacher engine + Triton benchmark of all engines → a summary table. Every stage writes its own directory atomically under the run folder, so a
 directory that exists is complete: rerunning the same command skips finished stages and resumes an
 interrupted distillation from its last checkpoint. Stages read each other's outputs from disk only.
 
@@ -12,6 +12,7 @@ Run folder:
     students/NAME/pruned/            HF checkpoint + pruning.json + importance.safetensors + eval.json
     students/NAME/distilled/         HF checkpoint + train_log.jsonl + eval.json
     students/NAME/quantized/         ModelOpt unified checkpoint (only with quantize.format)
+    students/NAME/export-FORMAT/     exported final student (only with export.format)
     students/NAME/engine/            engine directory with manifest.json (only with engine.profile)
     teacher-engine/, bench/          the teacher's engine and the Triton benchmark of all engines (bench.enabled)
     summary.json, summary.md
@@ -123,7 +124,7 @@ def run_student(run: Run, student: StudentConfig, importance_file: Path | None) 
         prune(run.teacher, recipe.data.spec, pruned, student.prune, importance_file=importance_file, seq_len=recipe.data.seq_len,
               text_field=recipe.data.text_field, dtype=recipe.teacher.dtype, device=run.device)
     row = {"name": student.name, "parameters": parameter_count(pruned), "pruned": run.evaluate(pruned, pruned / "eval.json")}
-    final = pruned
+    trained = pruned  # engines are built from it: each profile applies its own quantization
     distill_config = recipe.student_distill(student)
     if distill_config.tokens or distill_config.steps:
         distilled = student_dir / "distilled"
@@ -134,14 +135,23 @@ def run_student(run: Run, student: StudentConfig, importance_file: Path | None) 
                     text_field=recipe.data.text_field, dtype=recipe.teacher.dtype, device=run.device,
                     resume=(distilled / "checkpoints").is_dir(), eval_batches=recipe.eval.max_batches)
         row["distilled"] = json.loads(record.read_text())["eval"]
-        final = distilled
+        trained = distilled
+    final = quantize_student(run, trained, student_dir / "quantized", row) if recipe.quantize.format != "none" else trained
+    if recipe.export.format != "none":
+        from toolchain.export import export
+
+        exported = student_dir / f"export-{recipe.export.format}"
+        if not exported.is_dir():
+            log.info("student %s: exporting %s", student.name, recipe.export.format)
+            export(str(final), recipe.export.format, exported, recipe.export.dtype, recipe.export.tp, recipe.export.pp)
+        row["export"] = str(exported)
     if recipe.engine.profile:
         from toolchain.build import build
 
         engine = student_dir / "engine"
         if not engine.is_dir():
             log.info("student %s: building engine %s", student.name, recipe.engine.profile)
-            build(recipe.engine.profile, str(final), engine, data=recipe.data.spec, seq_len=recipe.data.seq_len)
+            build(recipe.engine.profile, str(trained), engine, data=recipe.data.spec, seq_len=recipe.data.seq_len)
         row["engine"] = str(engine)
     row["checkpoint"] = str(final)
     return row
@@ -169,6 +179,19 @@ def benchmark_engines(run: Run, student_engines: list[str]) -> dict | None:
     return bench([str(teacher_engine), *student_engines], data=recipe.data.spec, input_len=b.input_len, output_len=b.output_len,
                  concurrency=b.concurrency, requests=b.requests, threads=b.threads, max_batch_size=recipe.serve.max_batch_size,
                  out=run.dir / "bench")
+
+
+def quantize_student(run: Run, model_dir: Path, out: Path, row: dict) -> Path:
+    """ModelOpt quantization of the final student; its perplexity before/after goes into the summary row."""
+    from toolchain.quantize import REPORT_FILE, quantize
+
+    recipe = run.recipe
+    if not out.is_dir():
+        log.info("%s: quantizing to %s", model_dir, recipe.quantize.format)
+        quantize(str(model_dir), recipe.quantize.format, out, recipe.data.spec, recipe.quantize.calibration_samples, recipe.data.seq_len,
+                 recipe.data.text_field, recipe.quantize.kv_cache, recipe.eval.max_batches, recipe.eval.batch_size, device=run.device)
+    row["quantized"] = json.loads((out / REPORT_FILE).read_text())
+    return out
 
 
 def run_pipeline(recipe: Recipe, overwrite: bool = False) -> dict:

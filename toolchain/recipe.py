@@ -124,7 +124,7 @@ class QuantizeConfig(Section):
 
 
 class ExportConfig(Section):
-    format: Literal["hf", "trtllm", "onnx"] = Field("hf", description="Export format of the final student.")
+    format: Literal["none", "hf", "trtllm", "onnx"] = Field("none", description="Export of the final (quantized, if quantize.format is set) student; none skips it. The engine build exports on its own.")
     dtype: Dtype = Field("bfloat16", description="Exported weight dtype.")
     tp: int = Field(1, gt=0, description="TensorRT-LLM tensor-parallel ranks.")
     pp: int = Field(1, gt=0, description="TensorRT-LLM pipeline-parallel ranks.")
