@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_results  # noqa: E402
 
+from toolchain.bench import percentile  # noqa: E402
 from toolchain.generate import generate_text  # noqa: E402
 from toolchain.paths import cache_dir  # noqa: E402
 
@@ -45,11 +46,6 @@ def group_rss_mb(pgid: int) -> float:
         except (OSError, IndexError, ValueError):
             continue
     return total / 1e6
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 def main() -> None:
@@ -123,16 +119,16 @@ def main() -> None:
         if not inside:
             continue
         windows.append({"window_start_s": start, "requests": len(inside), "errors": len(inside) - len(ok),
-                        "latency_p50_s": percentile([r["latency_s"] for r in ok], 0.5), "latency_p90_s": percentile([r["latency_s"] for r in ok], 0.9),
-                        "latency_p99_s": percentile([r["latency_s"] for r in ok], 0.99), "ttft_p50_s": percentile([r["ttft_s"] for r in ok if r["ttft_s"]], 0.5),
-                        "ttft_p99_s": percentile([r["ttft_s"] for r in ok if r["ttft_s"]], 0.99)})
+                        "latency_p50_s": percentile([r["latency_s"] for r in ok], 50), "latency_p90_s": percentile([r["latency_s"] for r in ok], 90),
+                        "latency_p99_s": percentile([r["latency_s"] for r in ok], 99), "ttft_p50_s": percentile([r["ttft_s"] for r in ok if r["ttft_s"]], 50),
+                        "ttft_p99_s": percentile([r["ttft_s"] for r in ok if r["ttft_s"]], 99)})
     ok = [r for r in records if r["error"] is None]
     errors = [r["error"] for r in records if r["error"] is not None]
     output_tokens = sum(r["tokens"] for r in ok)
     payload = {"student": str(student), "profile": args.profile, "engine_threads": args.threads, "clients": args.clients,
                "duration_s": args.duration_s, "max_tokens": args.max_tokens, "requests": len(records), "answered": len(ok),
                "errors": len(errors), "error_examples": sorted(set(errors))[:5], "stream_pieces_per_s": output_tokens / args.duration_s,
-               "latency_p50_s": percentile([r["latency_s"] for r in ok], 0.5), "latency_p99_s": percentile([r["latency_s"] for r in ok], 0.99),
+               "latency_p50_s": percentile([r["latency_s"] for r in ok], 50), "latency_p99_s": percentile([r["latency_s"] for r in ok], 99),
                "rss_start_mb": rss_start, "rss_end_mb": rss_end, "rss_growth_pct": 100 * (rss_end - rss_start) / rss_start,
                "rss_first_loaded_mb": rss_samples[0][1], "rss_growth_under_load_pct": 100 * (rss_end - rss_samples[0][1]) / rss_samples[0][1],
                "rss_samples": rss_samples, "windows": windows, "server_exit_code": server.returncode, "machine": machine()}

@@ -31,7 +31,7 @@ def engines(tmp_path_factory, tokenizer_dir):
 def test_bench_teacher_and_student_engines(engines, corpus_jsonl, tmp_path):
     teacher_engine, student_engine = engines
     results = bench([str(teacher_engine), str(student_engine)], data=str(corpus_jsonl), input_len=16, output_len=8,
-                    concurrency=[1, 2], requests=3, threads=1, out=tmp_path / "out")
+                    concurrency=[1, 2], requests=3, threads=1, out=tmp_path / "out", labels=["teacher", "student"])
     assert [t["target"] for t in results["targets"]] == [str(teacher_engine), str(student_engine)]
     for target in results["targets"]:
         for level in target["levels"]:
@@ -42,7 +42,7 @@ def test_bench_teacher_and_student_engines(engines, corpus_jsonl, tmp_path):
             assert level["ttft_s"]["p50"] <= level["latency_s"]["p50"]
     assert all(level["vs_first"]["output_tokens_per_second"] == pytest.approx(1.0) for level in results["targets"][0]["levels"])
     assert json.loads((tmp_path / "out" / "bench.json").read_text()) == results
-    assert "student-engine" in (tmp_path / "out" / "bench.md").read_text()
+    assert "| student | 2 |" in (tmp_path / "out" / "bench.md").read_text()
 
 
 def test_bench_bad_targets(tmp_path, tiny_model):
@@ -54,3 +54,5 @@ def test_bench_bad_targets(tmp_path, tiny_model):
         bench([str(tiny_model)])
     with pytest.raises(UserError, match="must be positive"):
         bench([str(tiny_model)], requests=0)
+    with pytest.raises(UserError, match="--labels names 2 targets but 1"):
+        bench([str(tiny_model)], labels=["a", "b"])

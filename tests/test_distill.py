@@ -200,7 +200,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_killed_run_resumes_to_bitwise_equal_weights(teacher, student, corpus_jsonl, tmp_path, stop_signal):
     steps = ["--steps", "12", "--save-every", "3", "--keep-checkpoints", "2"]
     reference = tmp_path / "reference"

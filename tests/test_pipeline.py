@@ -50,6 +50,7 @@ def test_run_whole_pipeline_then_resume(tiny_recipe, tmp_path):
         assert trtllm_config["quantization"]["quant_algo"] == "FP8" and (student_dir / "export-trtllm" / "rank0.safetensors").is_file()
     bench = summary["bench"]
     assert [t["target"] for t in bench["targets"]] == [str(run_dir / "teacher-engine")] + [s["engine"] for s in summary["students"]]
+    assert [t["label"] for t in bench["targets"]] == ["teacher", "width", "depth"]
     assert all(level["errors"] == 0 for t in bench["targets"] for level in t["levels"])
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     assert "| width (distilled) |" in (run_dir / "summary.md").read_text()

@@ -43,7 +43,7 @@ class RequestTiming:
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (the definition genai-perf and trtllm-bench use for small samples)."""
     ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] if ordered else float("nan")
 
 
 def summarize(values: list[float]) -> dict:
@@ -144,10 +144,13 @@ def served(target: str, threads: int | None, max_batch_size: int):
 
 def bench(targets: list[str], tokenizer: str | None = None, data: str = "builtin:python-docs", input_len: int = 128, output_len: int = 64,
           concurrency: list[int] = (1, 4), requests: int = 16, threads: int | None = 1, max_batch_size: int = 8,
-          out: Path | None = None) -> dict:
+          out: Path | None = None, labels: list[str] | None = None) -> dict:
     """Measure every target with the same workload; the first target is the baseline of the ratios."""
     if not targets:
         raise UserError("name at least one target: an engine directory or a running server's gRPC HOST:PORT")
+    labels = labels or [target.rstrip("/") for target in targets]
+    if len(labels) != len(targets):
+        raise UserError(f"--labels names {len(labels)} targets but {len(targets)} were given")
     if input_len <= 0 or output_len <= 0 or requests <= 0 or any(c <= 0 for c in concurrency):
         raise UserError("--input-len, --output-len, --requests and --concurrency must be positive")
     for target in targets:  # every target checked before any server starts
@@ -161,11 +164,11 @@ def bench(targets: list[str], tokenizer: str | None = None, data: str = "builtin
     prompts = workload_prompts(load_tokenizer_or_dir(tokenizer_source), data, input_len, requests)
     results = {"workload": {"data": data, "input_len": input_len, "output_len": output_len, "requests": requests,
                             "concurrency": list(concurrency), "engine_threads": threads}, "targets": []}
-    for target in targets:
+    for target, label in zip(targets, labels):
         with served(target, threads, max_batch_size) as url:
             one_request(url, prompts[0], 4)  # warm-up: first-request costs are not the engine's speed
             levels = [run_level(url, prompts, output_len, level) for level in concurrency]
-        results["targets"].append({"target": target, "levels": levels})
+        results["targets"].append({"target": target, "label": label, "levels": levels})
     add_ratios(results)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -209,7 +212,7 @@ def format_bench(results: dict) -> str:
             ms = lambda stats, key: f"{stats[key] * 1e3:.0f}" if stats else "–"  # noqa: E731
             latency = level["latency_s"]
             vs = level["vs_first"]
-            lines.append(f"| {Path(target['target']).name or target['target']} | {level['concurrency']} | {level['request_throughput']:.2f} | "
+            lines.append(f"| {target['label']} | {level['concurrency']} | {level['request_throughput']:.2f} | "
                          f"{level['output_tokens_per_second']:.1f} | {ms(level['ttft_s'], 'p50')} | {ms(level['itl_s'], 'p50')} | "
                          f"{latency.get('p50', float('nan')):.2f} / {latency.get('p99', float('nan')):.2f} | {level['errors']} | "
                          f"{format_ratio(vs['output_tokens_per_second'])}, {format_ratio(vs['latency_p50'])} |")
@@ -231,12 +234,13 @@ def configure_parser(parser) -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level (default 16)")
     parser.add_argument("--threads", type=int, default=1, help="CPU engine threads (default 1, pinned for stable numbers)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="largest batch the server forms (default 8)")
+    parser.add_argument("--labels", type=lambda s: s.split(","), help="comma-separated names of the targets in the tables (default: as given)")
     parser.add_argument("--out", type=Path, help="write bench.json and bench.md into this directory")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
 def command(args) -> int:
     results = bench(args.targets, args.tokenizer, args.data, args.input_len, args.output_len, args.concurrency, args.requests,
-                    args.threads, args.max_batch_size, args.out)
+                    args.threads, args.max_batch_size, args.out, args.labels)
     print(json.dumps(results, indent=2) if args.json else format_bench(results))
     return 0

@@ -19,6 +19,7 @@ from torch.nn.modules.loss import _Loss
 
 from toolchain.cli_args import add_data_arguments, add_model_arguments
 from toolchain.data import check_seq_len
+from toolchain.distributed import distributed_context, prepare_data_on_ranks
 from toolchain.errors import UserError
 from toolchain.evaluate import check_same_vocabulary, evaluate_model
 from toolchain.models import load_model, load_tokenizer, model_fingerprint, resolve_model_dir
@@ -27,10 +28,8 @@ from toolchain.training import (
     TrainingTask,
     add_training_arguments,
     config_from_args,
-    distributed_context,
-    prepare_student,
     lm_loss,
-    prepare_training_data,
+    prepare_student,
     print_summary,
     run_identity,
     train,
@@ -194,7 +193,7 @@ def distill(
         check_pair(teacher_model, student_model, config)
         check_seq_len(seq_len, teacher_model.config)
         check_seq_len(seq_len, student_model.config)
-        packed = prepare_training_data(data, tokenizer, seq_len, text_field, runtime)
+        packed = prepare_data_on_ranks(data, tokenizer, seq_len, text_field, runtime)
 
         teacher_layers, student_layers = teacher_model.config.num_hidden_layers, student_model.config.num_hidden_layers
         mapping = layer_mapping(kept_teacher_layers(student_dir, teacher_layers, student_layers), teacher_layers)

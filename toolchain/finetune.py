@@ -11,6 +11,7 @@ from pathlib import Path
 
 from toolchain.cli_args import add_data_arguments, add_model_arguments
 from toolchain.data import check_seq_len
+from toolchain.distributed import distributed_context, prepare_data_on_ranks
 from toolchain.evaluate import evaluate_model
 from toolchain.models import load_model, load_tokenizer, model_fingerprint, resolve_model_dir
 from toolchain.recipe import TrainingConfig
@@ -18,10 +19,8 @@ from toolchain.training import (
     TrainingTask,
     add_training_arguments,
     config_from_args,
-    distributed_context,
-    prepare_student,
     lm_loss,
-    prepare_training_data,
+    prepare_student,
     print_summary,
     run_identity,
     train,
@@ -53,7 +52,7 @@ def finetune(
     with distributed_context(device) as runtime:
         torch_model = load_model(model_dir, dtype=dtype, device=str(runtime.device))
         check_seq_len(seq_len, torch_model.config)
-        packed = prepare_training_data(data, tokenizer, seq_len, text_field, runtime)
+        packed = prepare_data_on_ranks(data, tokenizer, seq_len, text_field, runtime)
         prepare_student(torch_model, config)
 
         def compute_loss(wrapped, input_ids):

@@ -157,7 +157,7 @@ def run_student(run: Run, student: StudentConfig, importance_file: Path | None) 
     return row
 
 
-def benchmark_engines(run: Run, student_engines: list[str]) -> dict | None:
+def benchmark_engines(run: Run, student_engines: dict[str, str]) -> dict | None:
     """Teacher engine (same profile) first, then the students', through Triton; None where engines cannot run here."""
     from toolchain.bench import bench
     from toolchain.build import build
@@ -176,7 +176,8 @@ def benchmark_engines(run: Run, student_engines: list[str]) -> dict | None:
     if record.is_file():
         return json.loads(record.read_text())
     b = recipe.bench
-    return bench([str(teacher_engine), *student_engines], data=recipe.data.spec, input_len=b.input_len, output_len=b.output_len,
+    return bench([str(teacher_engine), *student_engines.values()], labels=["teacher", *student_engines], data=recipe.data.spec,
+                 input_len=b.input_len, output_len=b.output_len,
                  concurrency=b.concurrency, requests=b.requests, threads=b.threads, max_batch_size=recipe.serve.max_batch_size,
                  out=run.dir / "bench")
 
@@ -207,7 +208,7 @@ def run_pipeline(recipe: Recipe, overwrite: bool = False) -> dict:
     for student in recipe.students:
         summary["students"].append(run_student(run, student, importance_file))
         importance_file = run.dir / "students" / student.name / "pruned" / "importance.safetensors"
-    engines = [student["engine"] for student in summary["students"] if "engine" in student]
+    engines = {student["name"]: student["engine"] for student in summary["students"] if "engine" in student}
     if engines and recipe.bench.enabled:
         summary["bench"] = benchmark_engines(run, engines)
     atomic_write_text(run.dir / "summary.json", json.dumps(summary, indent=2))

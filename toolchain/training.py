@@ -35,13 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from toolchain.data import iterate_batches, prepare_data, shard_rows
+from toolchain.data import iterate_batches, shard_rows
+from toolchain.distributed import Distributed
 from toolchain.errors import UserError
-from toolchain.models import resolve_device
 from toolchain.paths import atomic_write_text
 from toolchain.progress import progress_bar
 from toolchain.recipe import TrainingConfig
@@ -53,69 +52,6 @@ LOG_FILE = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = ("save_every", "keep_checkpoints")
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any rank."""
-        if self.world_size == 1:
-            return flag
-        value = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        if self.world_size == 1 or not values:
-            return values
-        tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return dict(zip(values, (tensor / self.world_size).tolist()))
-
-
-@contextlib.contextmanager
-def distributed_context(device: str):
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA); leave it at the end."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    torch_device = resolve_device(device)
-    if world_size == 1:
-        yield Distributed(0, 1, torch_device)
-        return
-    if torch_device.type == "cuda":
-        torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(torch_device)
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
-    try:
-        yield Distributed(dist.get_rank(), dist.get_world_size(), torch_device)
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-def prepare_training_data(spec: str, tokenizer, seq_len: int, text_field: str, runtime: Distributed):
-    """Rank 0 tokenizes and caches the data first, so ranks never write the same cache entry at once."""
-    if not runtime.is_main:
-        runtime.barrier()
-    packed = prepare_data(spec, tokenizer, seq_len, text_field=text_field)
-    if runtime.is_main:
-        runtime.barrier()
-    return packed
 
 
 @dataclass

@@ -13,14 +13,14 @@ import logging
 import os
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from pydantic import ValidationError
 
-from toolchain.data import check_seq_len, prepare_data, shard_rows
+from toolchain.data import check_seq_len, shard_rows
+from toolchain.distributed import distributed_context, prepare_data_on_ranks
 from toolchain.errors import UserError
 from toolchain.models import load_config, load_model, load_tokenizer, model_fingerprint, resolve_device, resolve_model_dir
 from toolchain.paths import atomic_output_dir
@@ -45,37 +45,6 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-
-
-@contextmanager
-def distributed(device: str):
-    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, nccl on CUDA. Yields (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        yield 0, 1, device
-        return
-    torch_device = resolve_device(device)
-    if torch_device.type == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(torch.device(device))
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
-    try:
-        yield dist.get_rank(), dist.get_world_size(), device
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-def calibration_rows(data: str, model_dir: Path, seq_len: int, text_field: str, rank: int, world: int):
-    """The calibration split; rank 0 tokenizes and caches it first, so ranks never write one cache directory at once."""
-    if rank != 0:
-        dist.barrier()
-    rows = prepare_data(data, load_tokenizer(model_dir), seq_len, text_field=text_field).split("calibration")
-    if rank == 0 and world > 1:
-        dist.barrier()
-    return rows
 
 
 def targets_of(config: PruneConfig) -> dict:
@@ -131,7 +100,8 @@ def prune(
     depth_method = "explicit" if explicit_drop is not None else config.depth_method
     missing_depth = [name for name in depth_score_names(depth_method, drop) if name not in scores] if explicit_drop is None else []
 
-    with distributed(device) as (rank, world, device):
+    with distributed_context(device) as runtime:
+        rank, world, device = runtime.rank, runtime.world_size, str(runtime.device)
         writer = atomic_output_dir(out, overwrite) if rank == 0 else nullcontext(None)
         with writer as tmp:
             torch_model = load_model(model_dir, dtype=dtype, device=device)
@@ -139,7 +109,8 @@ def prune(
             calibration = None
             needs_data = (not scores and config.importance == "activation") or bool(missing_depth)
             if needs_data:
-                calibration = calibration_rows(data, model_dir, seq_len, text_field, rank, world)[: config.calibration_samples]
+                packed = prepare_data_on_ranks(data, load_tokenizer(model_dir), seq_len, text_field, runtime)
+                calibration = packed.split("calibration")[: config.calibration_samples]
                 if len(calibration) < config.calibration_samples:
                     log.warning("%s has %d calibration sequences of %d tokens, fewer than the %d asked for; using them all",
                                 data, len(calibration), seq_len, config.calibration_samples)
@@ -193,8 +164,7 @@ def prune(
                 save_importance(tmp / "importance.safetensors", scores, metadata)
                 report["seconds"]["total"] = time.perf_counter() - started
                 (tmp / "pruning.json").write_text(json.dumps(report, indent=1))
-        if world > 1:
-            dist.barrier()
+        runtime.barrier()  # ranks return once rank 0 has written the output
     return report
 
 

@@ -80,7 +80,7 @@ def choose_endpoints(host: str, http_port: int | None, grpc_port: int | None, me
 def pytriton_paths() -> tuple[Path, Path, Path]:
     """(tritonserver binary, python backend directory, python-backend stub for this interpreter) from nvidia-pytriton."""
     try:
-        from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
+        from pytriton.utils.distribution import get_root_module_path, get_stub_path
     except ImportError:
         raise UserError("nvidia-pytriton is not installed; install it with `pip install nvidia-pytriton==0.7.0` (the Triton server it bundles serves CPU engines)") from None
     root = get_root_module_path() / "tritonserver"
