@@ -161,17 +161,16 @@ def benchmark_engines(run: Run, student_engines: dict[str, str]) -> dict | None:
     """Teacher engine (same profile) first, then the students', through Triton; None where engines cannot run here."""
     from toolchain.bench import bench
     from toolchain.build import build
-    from toolchain.manifest import read_manifest
+    from toolchain.engine_profile import load_profile
 
     recipe = run.recipe
+    if load_profile(recipe.engine.profile).backend != "onnxruntime-genai":
+        log.info("engines of profile %s run on a GPU machine only: serve them there and run `minitron bench HOST:PORT`", recipe.engine.profile)
+        return None
     teacher_engine = run.dir / "teacher-engine"
     if not teacher_engine.is_dir():
         log.info("building the teacher's engine %s for the benchmark", recipe.engine.profile)
         build(recipe.engine.profile, run.teacher, teacher_engine, data=recipe.data.spec, seq_len=recipe.data.seq_len)
-    manifest = read_manifest(teacher_engine)
-    if manifest.backend != "onnxruntime-genai" or not manifest.built:
-        log.info("engines of profile %s run on a GPU machine only: benchmark them there with `minitron bench HOST:PORT`", recipe.engine.profile)
-        return None
     record = run.dir / "bench" / "bench.json"
     if record.is_file():
         return json.loads(record.read_text())
