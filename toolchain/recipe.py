@@ -272,8 +272,13 @@ def describe_plan(recipe: Recipe) -> str:
         distill = recipe.student_distill(student)
         budget = f"{distill.tokens:,} tokens" if distill.tokens else (f"{distill.steps:,} steps" if distill.steps else "no budget: distillation skipped")
         stages.append(f"student {student.name}: prune to {targets or 'the teacher shape'}, distill for {budget}")
-    stages.append(f"quantize: {recipe.quantize.format}; export: {recipe.export.format} ({recipe.export.dtype}, tp={recipe.export.tp}, pp={recipe.export.pp})")
+    export = recipe.export
+    stages.append(f"quantize: {recipe.quantize.format}; export: {export.format}"
+                  + (f" ({export.dtype}, tp={export.tp}, pp={export.pp})" if export.format != "none" else ""))
     stages.append(f"engine profile: {recipe.engine.profile or 'none'}")
+    if recipe.engine.profile and recipe.bench.enabled:
+        stages.append(f"bench: the teacher's and students' engines through Triton, {recipe.bench.input_len} prompt / "
+                      f"{recipe.bench.output_len} new tokens, concurrency {recipe.bench.concurrency} (CPU engines; GPU engines: `minitron bench HOST:PORT`)")
     lines = [f"recipe {recipe.name}: {recipe.description.strip()}", f"output: {recipe.resolved_output_dir()}"]
     if recipe.teacher.model is None:
         lines.append("teacher.model: not set; pass --teacher PATH (a local Hugging Face directory) to run it")
