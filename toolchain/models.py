@@ -28,7 +28,6 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICES = ("cpu", "cuda", "auto")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -152,10 +151,6 @@ def check_safetensors(weight_file: Path) -> None:
             raise ValueError(f"file is truncated ({size} bytes, tensors need {8 + header_len + data_end})")
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise UserError(f"corrupt safetensors file {weight_file}: {exc}; re-download or re-export the model") from None
-
-
-def model_architecture(config: dict) -> str:
-    return SUPPORTED_ARCHITECTURES[config["architectures"][0]]
 
 
 def model_fingerprint(path: Path) -> str:
