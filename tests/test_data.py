@@ -58,6 +58,22 @@ def test_cache_key_depends_on_seq_len_and_content(tokenizer, corpus_jsonl, tmp_p
     assert len({a.directory, b.directory, c.directory}) == 3
 
 
+def test_file_digest_is_remembered_until_the_file_changes(tmp_path):
+    import os
+
+    from toolchain.data import source_fingerprint
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n')
+    first = source_fingerprint(str(path), "text")
+    stat = path.stat()
+    path.write_text('{"text": "b"}\n')  # same size: only the mtime tells
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert source_fingerprint(str(path), "text") == first, "an unchanged (path, size, mtime) reuses the remembered digest"
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert source_fingerprint(str(path), "text") != first
+
+
 def test_txt_file_folder_and_parquet_agree(tokenizer, tmp_path):
     documents = corpus_documents(60)
     (tmp_path / "folder").mkdir()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from toolchain.errors import UserError
-from toolchain.paths import atomic_output_dir, cache_dir
+from toolchain.paths import atomic_output_dir, atomic_write_text, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,11 @@ def split_of_document(text: str, eval_fraction: float, calibration_fraction: flo
 
 
 def source_fingerprint(spec: str, text_field: str) -> str:
-    """Identity of the data's content: file bytes for local data, the CPython version for the built-in."""
+    """Identity of the data's content: file bytes for local data, the CPython version for the built-in.
+
+    A file's SHA-256 is remembered under the cache by (path, size, mtime), so the stages of a run do
+    not each re-read a large corpus just to find their cache entry.
+    """
     digest = hashlib.sha256(f"{text_field}\0".encode())
     if spec.startswith("builtin:"):
         from toolchain.corpus import python_docs_version
@@ -160,11 +164,22 @@ def source_fingerprint(spec: str, text_field: str) -> str:
         return digest.hexdigest()
     path = Path(spec).expanduser()
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    memo_file = cache_dir() / "data" / "file-digests.json"
+    memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
+    remembered = len(memo)
     for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with file.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        stat = file.stat()
+        key = f"{file.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+        if key not in memo:
+            file_digest = hashlib.sha256()
+            with file.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    file_digest.update(block)
+            memo[key] = file_digest.hexdigest()
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{memo[key]}".encode())
+    if len(memo) != remembered:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(memo_file, json.dumps(memo))
     return digest.hexdigest()
 
 
