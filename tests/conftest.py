@@ -124,3 +124,17 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def data_settings(corpus, seq_len: int = 32, **overrides):
+    """The data section of a test: a corpus file, short sequences."""
+    from toolchain.settings import DataConfig
+
+    return DataConfig(spec=str(corpus), seq_len=seq_len, **overrides)
+
+
+def cpu():
+    """The compute section of a test: float32 on the CPU."""
+    from toolchain.settings import ComputeConfig
+
+    return ComputeConfig(dtype="float32", device="cpu")

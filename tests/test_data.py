@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from toolchain.data import iterate_batches, pack_documents, prepare_data, read_documents, shard_rows, split_of_document, txt_documents
 from toolchain.errors import UserError
 
-from conftest import corpus_documents
+from conftest import corpus_documents, data_settings
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def test_packing_inserts_eos_between_documents(tokenizer):
 
 
 def test_splits_are_disjoint_deterministic_and_complete(tokenizer, corpus_jsonl):
-    data = prepare_data(str(corpus_jsonl), tokenizer, seq_len=32, eval_fraction=0.1, calibration_fraction=0.1)
+    data = prepare_data(data_settings(corpus_jsonl, 32, eval_fraction=0.1, calibration_fraction=0.1), tokenizer)
     meta = data.meta
     assert sum(meta["documents"].values()) == 400
     assert all(meta["sequences"][name] == len(data.split(name)) > 0 for name in ("calibration", "train", "eval"))
@@ -36,7 +36,7 @@ def test_splits_are_disjoint_deterministic_and_complete(tokenizer, corpus_jsonl)
     splits = [split_of_document(doc, 0.1, 0.1) for doc in documents]
     assert {name: splits.count(name) for name in set(splits)} == meta["documents"]
     # The same inputs read the cache; the rule does not depend on order.
-    assert prepare_data(str(corpus_jsonl), tokenizer, seq_len=32, eval_fraction=0.1, calibration_fraction=0.1).directory == data.directory
+    assert prepare_data(data_settings(corpus_jsonl, 32, eval_fraction=0.1, calibration_fraction=0.1), tokenizer).directory == data.directory
     assert [split_of_document(doc, 0.1, 0.1) for doc in reversed(documents)] == splits[::-1]
 
 
@@ -44,17 +44,17 @@ def test_eval_split_holds_only_eval_documents(tokenizer, tmp_path):
     documents = corpus_documents(200)
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"body": d}) + "\n" for d in documents))
-    data = prepare_data(str(path), tokenizer, seq_len=16, text_field="body", eval_fraction=0.2, calibration_fraction=0.2)
+    data = prepare_data(data_settings(path, 16, text_field="body", eval_fraction=0.2, calibration_fraction=0.2), tokenizer)
     expected = pack_documents([d for d in documents if split_of_document(d, 0.2, 0.2) == "eval"], tokenizer, 16)
     assert np.array_equal(np.asarray(data.split("eval")), expected)
 
 
 def test_cache_key_depends_on_seq_len_and_content(tokenizer, corpus_jsonl, tmp_path):
-    a = prepare_data(str(corpus_jsonl), tokenizer, seq_len=32)
-    b = prepare_data(str(corpus_jsonl), tokenizer, seq_len=16)
+    a = prepare_data(data_settings(corpus_jsonl, 32), tokenizer)
+    b = prepare_data(data_settings(corpus_jsonl, 16), tokenizer)
     changed = tmp_path / "changed.jsonl"
     changed.write_text(corpus_jsonl.read_text() + json.dumps({"text": "one more document"}) + "\n")
-    c = prepare_data(str(changed), tokenizer, seq_len=32)
+    c = prepare_data(data_settings(changed, 32), tokenizer)
     assert len({a.directory, b.directory, c.directory}) == 3
 
 
@@ -119,7 +119,7 @@ def test_batches_and_shards():
 )
 def test_bad_data(tokenizer, tmp_path, make_spec, message):
     with pytest.raises(UserError, match=message):
-        prepare_data(make_spec(tmp_path), tokenizer, seq_len=64)
+        prepare_data(data_settings(make_spec(tmp_path), 64), tokenizer)
 
 
 def test_cli_bad_data_exit_2(cli, tiny_model, tmp_path):
@@ -131,3 +131,25 @@ def test_cli_bad_data_exit_2(cli, tiny_model, tmp_path):
 def test_seq_len_above_max_positions_refused(cli, tiny_model, corpus_jsonl):
     result = cli("eval", tiny_model, "--data", corpus_jsonl, "--seq-len", 512)
     assert result.returncode == 2 and "max_position_embeddings (256)" in result.stderr
+
+
+def test_a_small_file_serves_the_split_it_has(tokenizer, tmp_path):
+    """A few paragraphs land in one split; a stage fails only on the split it needs, naming the fixes."""
+    path = tmp_path / "notes.txt"
+    path.write_text("\n\n".join(f"note {i}: the engine serves a student" for i in range(3)))
+    packed = prepare_data(data_settings(path, 8), tokenizer)
+    present = [name for name in ("calibration", "train", "eval") if packed.meta["sequences"][name]]
+    assert present and len(packed.split("all")) == sum(packed.meta["sequences"].values())
+    absent = next(name for name in ("calibration", "train", "eval") if name not in present)
+    with pytest.raises(UserError, match=f"no {absent} sequence.*lower data.seq_len"):
+        packed.split(absent)
+
+
+def test_eval_of_a_small_file_needs_split_all(cli, tiny_model, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("\n\n".join(f"note {i}: the model distills the teacher" for i in range(6)))
+    refused = cli("eval", tiny_model, "--data", path, "--seq-len", 16)
+    assert refused.returncode == 2 and "--split all" in refused.stderr and "--seq-len" in refused.stderr
+    evaluated = cli("eval", tiny_model, "--data", path, "--seq-len", 16, "--split", "all", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["split"] == "all"

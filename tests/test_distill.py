@@ -14,9 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import cpu, data_settings
 from toolchain.cli import main as cli_main
-from toolchain.distill import distill, distillation_criterion, kept_teacher_layers, layer_mapping, modelopt_distill
-from toolchain.recipe import DistillConfig
+from toolchain.distill import distill, distillation_criterion, kept_teacher_layers, layer_mapping
+from toolchain.modelopt_compat import modelopt
+from toolchain.settings import DistillConfig, EvalConfig
 
 SEQ_LEN = 64
 
@@ -25,6 +27,10 @@ def small_config(**overrides) -> DistillConfig:
     settings = dict(steps=8, global_batch_size=8, micro_batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=1, save_every=4)
     settings.update(overrides)
     return DistillConfig(**settings)
+
+
+def run_distill(teacher, student, corpus, out, config: DistillConfig, **kwargs) -> dict:
+    return distill(str(teacher), str(student), out, config, data_settings(corpus, SEQ_LEN), cpu(), EvalConfig(), **kwargs)
 
 
 def train_log(out: Path) -> list[dict]:
@@ -89,12 +95,12 @@ def trained_teacher(tmp_path_factory, tokenizer_dir, corpus_jsonl) -> Path:
     from conftest import save_tiny_model
 
     from toolchain.finetune import finetune
-    from toolchain.recipe import TrainingConfig
+    from toolchain.settings import TrainingConfig
 
     base = tmp_path_factory.mktemp("trained-teacher")
     save_tiny_model(base / "random", tokenizer_dir, seed=0)
     config = TrainingConfig(steps=40, global_batch_size=8, lr=1e-2, min_lr=1e-3, warmup_steps=2, save_every=40, keep_checkpoints=1)
-    finetune(str(base / "random"), str(corpus_jsonl), base / "teacher", config, seq_len=SEQ_LEN, eval_batches=2)
+    finetune(str(base / "random"), base / "teacher", config, data_settings(corpus_jsonl, SEQ_LEN), cpu(), EvalConfig(max_batches=2))
     return base / "teacher"
 
 
@@ -105,7 +111,7 @@ def test_kd_loss_decreases_and_exported_student_reloads(trained_teacher, student
 
     out = tmp_path / "out"
     teacher = trained_teacher
-    summary = distill(str(teacher), str(student), str(corpus_jsonl), out, small_config(steps=12, lm_loss_weight=0.5), seq_len=SEQ_LEN)
+    summary = run_distill(teacher, student, corpus_jsonl, out, small_config(steps=12, lm_loss_weight=0.5))
     log = train_log(out)
     assert [row["step"] for row in log] == list(range(1, 13))
     first, last = log[0], log[-1]
@@ -118,7 +124,7 @@ def test_kd_loss_decreases_and_exported_student_reloads(trained_teacher, student
     assert reloaded.config.num_hidden_layers == 2 and type(reloaded).__name__ == "LlamaForCausalLM"
     final_checkpoint = out / "checkpoints" / "step-00000012" / "student"
     assert_bitwise_equal({k: v for k, v in reloaded.state_dict().items()}, tensors(final_checkpoint))
-    again = evaluate(str(out), data=str(corpus_jsonl), teacher=str(teacher), seq_len=SEQ_LEN)
+    again = evaluate(str(out), data_settings(corpus_jsonl, SEQ_LEN), EvalConfig(), cpu(), teacher=str(teacher))
     eval_json = json.loads((out / "eval.json").read_text())
     assert again.perplexity == pytest.approx(eval_json["eval"]["perplexity"], rel=1e-5)
     assert again.kl == pytest.approx(summary["eval"]["kl"], rel=1e-5)
@@ -127,7 +133,7 @@ def test_kd_loss_decreases_and_exported_student_reloads(trained_teacher, student
 
 def test_student_equal_to_teacher_has_zero_logit_loss(teacher, corpus_jsonl, tmp_path):
     # one step at warm-up lr 0 leaves the copy unchanged, so the final eval must agree with the teacher too
-    summary = distill(str(teacher), str(teacher), str(corpus_jsonl), tmp_path / "out", small_config(steps=1, warmup_steps=1), seq_len=SEQ_LEN)
+    summary = run_distill(teacher, teacher, corpus_jsonl, tmp_path / "out", small_config(steps=1, warmup_steps=1))
     assert train_log(tmp_path / "out")[0]["logit_kl"] < 1e-6
     assert summary["eval"]["kl"] < 1e-6
     assert summary["eval"]["top1_agreement"] == 1.0
@@ -146,7 +152,7 @@ def test_layer_mapping_of_depth_pruned_students(teacher, tmp_path):
     # the hooks compare the mapped outputs: the student's layer 0 is the teacher's layer 0 (loss 0), the others differ
     from transformers import AutoModelForCausalLM
 
-    mtd = modelopt_distill()
+    mtd = modelopt("distill")
     config = small_config(logit_loss_weight=1.0, intermediate_loss="cosine", intermediate_loss_weight=1.0)
     criterion, balancer = distillation_criterion(config, mapping)
     model = mtd.convert(AutoModelForCausalLM.from_pretrained(pruned), mode=[("kd_loss", {
@@ -161,8 +167,8 @@ def test_layer_mapping_of_depth_pruned_students(teacher, tmp_path):
 def test_depth_pruned_student_learns_the_mapped_hidden_states(trained_teacher, make_tiny_model, corpus_jsonl, tmp_path):
     student = make_tiny_model("three-layers", seed=1, num_hidden_layers=3)
     (student / "pruning.json").write_text(json.dumps({"kept": {"kept_layers": [0, 1, 3]}}))
-    summary = distill(str(trained_teacher), str(student), str(corpus_jsonl), tmp_path / "out",
-                      small_config(steps=8, intermediate_loss="cosine", intermediate_loss_weight=1.0), seq_len=SEQ_LEN)
+    summary = run_distill(trained_teacher, student, corpus_jsonl, tmp_path / "out",
+                          small_config(steps=8, intermediate_loss="cosine", intermediate_loss_weight=1.0))
     assert summary["layer_mapping"] == [(0, 0), (1, 2), (2, 3)]
     log = train_log(tmp_path / "out")
     assert log[-1]["hidden_loss"] < 0.8 * log[0]["hidden_loss"]
@@ -171,8 +177,8 @@ def test_depth_pruned_student_learns_the_mapped_hidden_states(trained_teacher, m
 
 def test_gradient_checkpointing_trains_the_same_student(teacher, student, corpus_jsonl, tmp_path):
     for name, checkpointing in (("plain", False), ("recomputed", True)):
-        distill(str(teacher), str(student), str(corpus_jsonl), tmp_path / name, small_config(steps=3, gradient_checkpointing=checkpointing,
-                intermediate_loss="cosine", intermediate_loss_weight=0.5), seq_len=SEQ_LEN)
+        run_distill(teacher, student, corpus_jsonl, tmp_path / name, small_config(steps=3, gradient_checkpointing=checkpointing,
+                    intermediate_loss="cosine", intermediate_loss_weight=0.5))
     plain, recomputed = tensors(tmp_path / "plain"), tensors(tmp_path / "recomputed")
     for name in plain:
         assert torch.allclose(plain[name], recomputed[name], atol=1e-6), name
@@ -252,6 +258,7 @@ def test_bad_inputs_fail_in_one_line_without_touching_checkpoints(teacher, stude
     assert cli_main(distill_args(teacher, student, corpus_jsonl, out, "--steps", "2", "--save-every", "1")) == 0
     capsys.readouterr()
     before = tree_digest(out)
+    (tmp_path / "a-file").write_text("user data")
 
     other_tokenizer = make_tiny_model("other-tok", seed=1, num_hidden_layers=2)
     tokenizer = json.loads((other_tokenizer / "tokenizer.json").read_text())
@@ -269,7 +276,10 @@ def test_bad_inputs_fail_in_one_line_without_touching_checkpoints(teacher, stude
         "negative steps": ({"--steps": -3}, "--steps"),
         "no budget": ({}, "--tokens N or --steps N"),
         "zero lr": ({"--steps": 2, "--lr": 0}, "--lr"),
-        "negative lr": ({"--steps": 2, "--lr": -1e-4}, "--lr"),
+        "negative lr": ({"--steps": 2, "--lr": -1e-4}, "invalid --lr: Input should be greater than 0"),
+        "negative eval batches": ({"--steps": 2, "--eval-batches": -1}, "invalid --eval-batches"),
+        "resume and overwrite": ({"--steps": 2, "--resume": None, "--overwrite": None}, "contradict"),
+        "out is a file": ({"--steps": 2, "--out": tmp_path / "a-file"}, "is a file"),
         "missing student": ({"--student": tmp_path / "nope", "--steps": 2}, "neither a directory"),
         "resume without a run": ({"--steps": 2, "--resume": None, "--out": tmp_path / "fresh"}, "no run to resume"),
         "same run without --resume": ({"--steps": 2, "--save-every": 1}, "--resume"),
@@ -307,3 +317,30 @@ def test_bad_input_from_the_command_line_is_one_line_exit_2(teacher, student, co
     result = cli(*distill_args(teacher, student, corpus_jsonl, tmp_path / "out", "--tokens", "-5"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["minitron distill: error: invalid --tokens: Input should be greater than 0"]
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_a_finished_run_only_once_the_new_one_is_complete(teacher, student, corpus_jsonl, tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(distill_args(teacher, student, corpus_jsonl, out, "--steps", "2")) == 0
+    before = tree_digest(out)
+    process = run_minitron(*distill_args(teacher, student, corpus_jsonl, out, "--steps", "40", "--save-every", "2", "--overwrite"))
+    wait_for(tmp_path / ".run.overwrite" / "checkpoints" / "step-00000002", process)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert process.returncode == 130 and tree_digest(out) == before  # the interrupted overwrite lost nothing
+    assert cli_main(distill_args(teacher, student, corpus_jsonl, out, "--steps", "3", "--overwrite", "--eval-batches", "0")) == 0
+    assert len(train_log(out)) == 3 and json.loads((out / "eval.json").read_text())["eval"] is None
+    assert not (tmp_path / ".run.overwrite").exists() and not list(tmp_path.glob(".run.old-*"))
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(teacher, student, corpus_jsonl, tmp_path, caplog):
+    steps = ["--steps", "4", "--save-every", "2", "--keep-checkpoints", "3"]
+    reference = tmp_path / "reference"
+    assert cli_main(distill_args(teacher, student, corpus_jsonl, reference, *steps)) == 0
+    damaged = reference / "checkpoints" / "step-00000004" / "student" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    final = tensors(reference)
+    assert cli_main(distill_args(teacher, student, corpus_jsonl, reference, *steps, "--resume")) == 0
+    assert "step-00000004 is damaged" in caplog.text
+    assert_bitwise_equal(tensors(reference), final)  # steps 3-4 retrained from step 2 give the same weights

@@ -8,11 +8,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from toolchain.export import export, rope_settings
+from toolchain.settings import ExportConfig
 
 
 def test_hf_export_casts_to_the_asked_dtype_and_reloads(tiny_model, tmp_path):
     out = tmp_path / "hf"
-    result = export(str(tiny_model), "hf", out, dtype="bfloat16")
+    result = export(str(tiny_model), out, ExportConfig(format="hf", dtype="bfloat16"))
     assert result.quantization == "none" and result.bytes > 0
     with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
@@ -26,7 +27,7 @@ def test_hf_export_casts_to_the_asked_dtype_and_reloads(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_onnx_export_is_a_cpu_engine_folder(tiny_model, tmp_path):
     out = tmp_path / "onnx"
-    result = export(str(tiny_model), "onnx", out)
+    result = export(str(tiny_model), out, ExportConfig(format="onnx"))
     assert result.dtype == "float32"
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["model"]["vocab_size"] == 384 and any(out.glob("*.onnx"))
@@ -43,13 +44,14 @@ def test_rope_settings_from_transformers_5_and_4_configs():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--format", "gguf"], "unknown export format 'gguf'"),
+    (["--format", "gguf"], "argument --format: invalid choice: 'gguf'"),
+    ([], "choose an export format: --format hf, trtllm or onnx"),
     (["--format", "hf", "--tp", "2"], "--tp/--pp split TensorRT-LLM checkpoints"),
     (["--format", "trtllm", "--tp", "3"], "tp=3 does not divide the 4 attention heads"),
     (["--format", "trtllm", "--pp", "3"], "pp=3 does not divide the 4 layers"),
     (["--format", "trtllm", "--dtype", "float32"], "exported as float16 or bfloat16"),
     (["--format", "onnx", "--dtype", "bfloat16"], "ONNX CPU engine is built from an unquantized model in float32"),
-    (["--format", "hf", "--dtype", "int3"], "unknown dtype 'int3'"),
+    (["--format", "hf", "--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
 ])
 def test_bad_exports_are_one_line_errors(tiny_model, tmp_path, cli, args, message):
     result = cli("export", tiny_model, "--out", tmp_path / "out", *args)

@@ -1,6 +1,11 @@
-"""`minitron run`: a whole recipe on a tiny teacher, resumable, refusing a different recipe in the same folder."""
+"""`minitron run`: a whole recipe on a tiny teacher; stage records rerun exactly what changed; resume; refusals."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -10,62 +15,129 @@ from toolchain.pipeline import run_pipeline
 from toolchain.recipe import load_recipe
 
 
-@pytest.fixture
-def tiny_recipe(tmp_path, make_tiny_model, corpus_jsonl):
-    tiny_model = make_tiny_model("teacher", max_position_embeddings=2048)  # the cpu-fp32 profile serves up to 2048 tokens
+def write_recipe(tmp_path, teacher, corpus, **changes) -> str:
     recipe = {
         "name": "tiny",
         "output_dir": str(tmp_path / "run"),
-        "teacher": {"model": str(tiny_model), "device": "cpu"},
-        "data": {"spec": str(corpus_jsonl), "seq_len": 32, "eval_fraction": 0.1, "calibration_fraction": 0.1},
+        "teacher": {"model": str(teacher)},
+        "compute": {"dtype": "float32", "device": "cpu"},
+        "data": {"spec": str(corpus), "seq_len": 32, "eval_fraction": 0.1, "calibration_fraction": 0.1},
         "eval": {"batch_size": 4, "max_batches": 2},
+        "importance": {"calibration_samples": 8},
         "students": [
-            {"name": "width", "prune": {"hidden_size": 32, "ffn_hidden_size": 64, "calibration_samples": 8}},
-            {"name": "depth", "prune": {"num_layers": 2, "depth_method": "block_importance", "calibration_samples": 8}},
+            {"name": "width", "prune": {"hidden_size": 32, "ffn_hidden_size": 64}},
+            {"name": "depth", "prune": {"num_layers": 2, "depth_method": "block_importance"}},
         ],
         "distill": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "save_every": 1},
-        "quantize": {"format": "fp8", "calibration_samples": 4},
-        "export": {"format": "trtllm", "dtype": "bfloat16"},
-        "engine": {"profile": "cpu-fp32"},
-        "bench": {"input_len": 16, "output_len": 4, "concurrency": [1], "requests": 2},
+        "engine": {"profile": None},
     }
+    for key, value in changes.items():  # section__field=value, or section=value
+        section, _, field = key.partition("__")
+        recipe[section] = {**recipe[section], field: value} if field else value
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    return path
+    return str(path)
+
+
+@pytest.fixture
+def teacher(make_tiny_model):
+    return make_tiny_model("teacher", max_position_embeddings=2048)  # the cpu-fp32 profile serves up to 2048 tokens
 
 
 @pytest.mark.slow
-def test_run_whole_pipeline_then_resume(tiny_recipe, tmp_path):
-    summary = run_pipeline(load_recipe(str(tiny_recipe)))
+def test_run_whole_pipeline_then_rerun_and_change_the_bench(teacher, tmp_path, tokenizer_dir, isolated_cache):
+    """Non-default split fractions and text field reach every stage that reads data, the bench included."""
+    body = tmp_path / "body.jsonl"
+    from conftest import corpus_documents
+
+    body.write_text("".join(json.dumps({"body": doc}) + "\n" for doc in corpus_documents()))
+    recipe = write_recipe(tmp_path, teacher, body, data__text_field="body", data__eval_fraction=0.15, data__calibration_fraction=0.12)
+    overrides = ["quantize.format=fp8", "quantize.calibration_samples=4", "export.format=trtllm", "export.dtype=bfloat16",
+                 "engine.profile=cpu-fp32", "bench.input_len=16", "bench.output_len=4", "bench.concurrency=[1]", "bench.requests=2"]
+    summary = run_pipeline(load_recipe(recipe, overrides))
     run_dir = tmp_path / "run"
     assert [s["name"] for s in summary["students"]] == ["width", "depth"]
+    teacher_tokens = summary["teacher"]["eval"]["tokens"]
     for student in summary["students"]:
         assert student["parameters"] < summary["teacher"]["parameters"]
         assert student["distilled"]["kl"] >= 0 and student["pruned"]["perplexity"] > 1
+        assert student["pruned"]["tokens"] == student["distilled"]["tokens"] == teacher_tokens  # the same rows for every row of the report
         student_dir = run_dir / "students" / student["name"]
         manifest = json.loads((student_dir / "engine" / "manifest.json").read_text())
-        assert manifest["backend"] == "onnxruntime-genai" and manifest["source_model"] == str(student_dir / "distilled")
+        assert manifest["source_model"] == str(student_dir / "distilled")
         assert student["quantized"]["format"] == "fp8" and student["quantized"]["perplexity_after"] > 1
         trtllm_config = json.loads((student_dir / "export-trtllm" / "config.json").read_text())
         assert trtllm_config["quantization"]["quant_algo"] == "FP8" and (student_dir / "export-trtllm" / "rank0.safetensors").is_file()
     bench = summary["bench"]
-    assert [t["target"] for t in bench["targets"]] == [str(run_dir / "teacher-engine")] + [s["engine"] for s in summary["students"]]
     assert [t["label"] for t in bench["targets"]] == ["teacher", "width", "depth"]
     assert all(level["errors"] == 0 for t in bench["targets"] for level in t["levels"])
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     assert "| width (distilled) |" in (run_dir / "summary.md").read_text()
-    # A rerun finds every stage done and returns the same summary without recomputing.
-    stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("eval.json")}
-    assert run_pipeline(load_recipe(str(tiny_recipe))) == summary
-    assert stamps == {p: p.stat().st_mtime_ns for p in run_dir.rglob("eval.json")}
+    packed = [json.loads(meta.read_text()) for meta in (isolated_cache / "data").glob("*/meta.json")]
+    packed = [meta for meta in packed if meta["spec"] == str(body)]
+    assert {meta["seq_len"] for meta in packed} == {32, 16}  # the stages' sequences and the bench prompts
+    assert all((meta["text_field"], meta["eval_fraction"], meta["calibration_fraction"]) == ("body", 0.15, 0.12) for meta in packed)
+
+    again = run_pipeline(load_recipe(recipe, overrides))
+    assert again["stages"]["ran"] == [] and {k: v for k, v in again.items() if k != "stages"} == {k: v for k, v in summary.items() if k != "stages"}
+    changed = run_pipeline(load_recipe(recipe, overrides[:-1] + ["bench.requests=3"]))
+    assert changed["stages"]["ran"] == ["bench"]
 
 
-def test_different_recipe_in_same_folder_refused(tiny_recipe):
-    run_pipeline(load_recipe(str(tiny_recipe), ["students=[]", "engine.profile=null"]))
-    with pytest.raises(UserError, match="different recipe"):
-        run_pipeline(load_recipe(str(tiny_recipe), ["students=[]", "engine.profile=null", "eval.max_batches=1"]))
+def ran_after(recipe: str, *overrides: str) -> list[str]:
+    return run_pipeline(load_recipe(recipe, list(overrides)))["stages"]["ran"]
+
+
+def test_a_changed_setting_reruns_its_stage_and_what_depends_on_it(teacher, corpus_jsonl, tmp_path):
+    recipe = write_recipe(tmp_path, teacher, corpus_jsonl)
+    first = ran_after(recipe)
+    width = ["students/width/pruned", "students/width/pruned-eval", "students/width/distilled", "students/width/distilled-eval"]
+    depth = [stage.replace("width", "depth") for stage in width]
+    assert first == ["teacher-eval", "importance", *width, *depth]
+    assert ran_after(recipe) == []
+    assert ran_after(recipe, "students.width.prune.ffn_hidden_size=96") == width
+    assert ran_after(recipe, "students.width.prune.ffn_hidden_size=96", "distill.lr=3e-4") == [width[2], width[3], depth[2], depth[3]]
+    assert ran_after(recipe, "students.width.prune.ffn_hidden_size=96", "distill.lr=3e-4", "eval.max_batches=1") == [
+        "teacher-eval", width[1], width[3], depth[1], depth[3]]
+    assert ran_after(recipe, "students.width.prune.ffn_hidden_size=96", "distill.lr=3e-4", "eval.max_batches=1",
+                     "importance.calibration_samples=6") == ["importance", *width, *depth]
+    assert not list((tmp_path / "run").rglob(".*.*"))  # no work directory left behind
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_left_alone(teacher, corpus_jsonl, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds no run of this toolchain"):
+        run_pipeline(load_recipe(write_recipe(tmp_path, teacher, corpus_jsonl)))
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
+
+
+def test_a_bad_recipe_is_refused_before_anything_is_written(teacher, corpus_jsonl, tmp_path, cli):
+    result = cli("run", write_recipe(tmp_path, teacher, corpus_jsonl), "--set", "students.width.prune.hidden_size=4096")
+    assert result.returncode == 2 and "students.width.prune.hidden_size 4096 is larger than the model's 64" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_recipe_without_teacher_refused(cli):
     result = cli("run", "llama-3.1-8b-minitron-4b-width")
     assert result.returncode == 2 and "--teacher" in result.stderr
+
+
+@pytest.mark.slow
+def test_an_interrupted_teacher_correction_resumes(teacher, corpus_jsonl, tmp_path):
+    recipe = write_recipe(tmp_path, teacher, corpus_jsonl, students=[], distill__save_every=2)
+    args = [sys.executable, "-m", "toolchain", "run", recipe, "--set", "teacher.correction.tokens=1536", "--set", "teacher.correction.lr=1e-3"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "run").glob(".teacher-corrected.*/checkpoints/step-00000002")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "rerun the same command to continue" in stderr
+    assert not (tmp_path / "run" / "teacher-corrected").exists()
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr
+    log = [json.loads(line) for line in (tmp_path / "run" / "teacher-corrected" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, 13))  # 1536 tokens / (4 x 32) = 12 steps, none repeated

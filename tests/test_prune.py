@@ -1,6 +1,7 @@
 """Minitron pruning on tiny random checkpoints: shapes, exactness, importance definitions, reuse, torchrun, bad input."""
 
 import json
+import re
 import os
 from contextlib import contextmanager
 import subprocess
@@ -11,10 +12,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import toolchain.prune
+from conftest import cpu, data_settings
 from toolchain.cli import main as cli_main
 from toolchain.data import prepare_data
 from toolchain.errors import UserError
-from toolchain.models import load_tokenizer
+from toolchain.models import load_tokenizer, parameter_counts
 from toolchain.prune import prune
 from toolchain.prune.importance import (
     ActivationRecorder,
@@ -25,8 +28,8 @@ from toolchain.prune.importance import (
     select_heads,
     top_indices,
 )
-from toolchain.prune.shapes import ModelShape, parameter_counts, parse_layer_list, pruned_config, target_shape
-from toolchain.recipe import PruneConfig
+from toolchain.prune.shapes import ModelShape, parse_layer_list, pruned_config, target_shape
+from toolchain.settings import ImportanceConfig, PruneConfig
 
 SEQ_LEN = 32
 
@@ -42,8 +45,9 @@ def without_layers(model, dropped: set[int]):
         model.model.layers = layers
 
 
-def run_prune(model_dir, corpus, out, **targets):
-    return prune(str(model_dir), str(corpus), out, PruneConfig(**targets), seq_len=SEQ_LEN)
+def run_prune(model_dir, corpus, out, importance: dict | None = None, importance_file=None, **targets):
+    return prune(str(model_dir), out, PruneConfig(**targets), ImportanceConfig(**(importance or {})), data_settings(corpus, SEQ_LEN), cpu(),
+                 importance_file=importance_file)
 
 
 def load(path):
@@ -62,7 +66,7 @@ def logits(model, input_ids):
 @pytest.mark.parametrize("architecture,tied", [("llama", False), ("llama", True), ("qwen2", False)])
 def test_identity_pruning_is_exact(make_tiny_model, corpus_jsonl, tmp_path, architecture, tied):
     model_dir = make_tiny_model(architecture=architecture, tie_word_embeddings=tied)
-    report = run_prune(model_dir, corpus_jsonl, tmp_path / "out")
+    report = run_prune(model_dir, corpus_jsonl, tmp_path / "out", hidden_size=64, num_layers=4)  # targets equal to the model's
     assert report["parameters"]["original"] == report["parameters"]["pruned"]
     x = tokens()
     assert torch.equal(logits(load(model_dir), x), logits(load(tmp_path / "out"), x))
@@ -134,7 +138,7 @@ def test_gqa_heads_are_pruned_equally_in_every_group():
 
 def test_depth_renumbers_layers_and_keeps_their_weights(make_tiny_model, corpus_jsonl, tmp_path):
     model_dir = make_tiny_model(architecture="qwen2", num_hidden_layers=5)
-    report = prune(str(model_dir), str(corpus_jsonl), tmp_path / "out", PruneConfig(drop_layers="1-2"), seq_len=SEQ_LEN)
+    report = run_prune(model_dir, corpus_jsonl, tmp_path / "out", drop_layers="1-2")
     assert report["dropped_layers"] == [1, 2] and report["kept"]["kept_layers"] == [0, 3, 4]
     original, pruned = load(model_dir), load(tmp_path / "out")
     assert pruned.config.num_hidden_layers == 3 and len(pruned.config.layer_types) == 3
@@ -178,7 +182,7 @@ def test_sequence_and_batch_aggregations_follow_their_definitions():
 
 @pytest.fixture
 def calibration_rows(tiny_model, corpus_jsonl):
-    return prepare_data(str(corpus_jsonl), load_tokenizer(tiny_model), SEQ_LEN).split("calibration")[:12]
+    return prepare_data(data_settings(corpus_jsonl, SEQ_LEN), load_tokenizer(tiny_model)).split("calibration")[:12]
 
 
 def test_activation_importance_matches_the_minitron_definition(tiny_model, calibration_rows):
@@ -229,13 +233,13 @@ def test_layer_drop_loss_equals_the_loss_of_the_shorter_model(tiny_model, calibr
 @pytest.mark.parametrize("method", ["lm_loss", "lm_loss_contiguous", "block_importance", "random"])
 def test_depth_methods_choose_the_lowest_scoring_layers(make_tiny_model, corpus_jsonl, tmp_path, method):
     model_dir = make_tiny_model(num_hidden_layers=6)
-    report = run_prune(model_dir, corpus_jsonl, tmp_path / "out", num_layers=3, depth_method=method, depth_calibration_samples=8)
+    report = run_prune(model_dir, corpus_jsonl, tmp_path / "out", num_layers=3, depth_method=method, importance={"depth_calibration_samples": 8})
     scores = load_file(tmp_path / "out" / "importance.safetensors")
     dropped = report["dropped_layers"]
     assert len(dropped) == 3 and report["depth_method"] == method
     if method == "lm_loss":
         assert dropped == sorted(torch.argsort(scores["lm_loss_without_layer"])[:3].tolist())
-        assert report["importance"]["depth"]["lm_loss_without_layer"]["sequences"] == 8
+        assert report["importance"]["scores"]["lm_loss_without_layer"]["sequences"] == 8
     if method == "lm_loss_contiguous":
         start = int(scores["lm_loss_without_block3"].argmin())
         assert dropped == [start, start + 1, start + 2] and scores["lm_loss_without_block3"].shape == (4,)
@@ -246,8 +250,8 @@ def test_depth_methods_choose_the_lowest_scoring_layers(make_tiny_model, corpus_
 @pytest.mark.parametrize("method", ["magnitude", "random"])
 def test_baseline_importance_methods(make_tiny_model, corpus_jsonl, tmp_path, method):
     model_dir = make_tiny_model()
-    first = prune(str(model_dir), str(corpus_jsonl), tmp_path / "a", PruneConfig(ffn_hidden_size=64, hidden_size=48, importance=method), seq_len=SEQ_LEN)
-    second = prune(str(model_dir), str(corpus_jsonl), tmp_path / "b", PruneConfig(ffn_hidden_size=64, hidden_size=48, importance=method), seq_len=SEQ_LEN)
+    first = run_prune(model_dir, corpus_jsonl, tmp_path / "a", importance={"method": method}, ffn_hidden_size=64, hidden_size=48)
+    second = run_prune(model_dir, corpus_jsonl, tmp_path / "b", importance={"method": method}, ffn_hidden_size=64, hidden_size=48)
     assert first["kept"] == second["kept"] and first["importance"]["method"] == method
     activation = run_prune(model_dir, corpus_jsonl, tmp_path / "c", ffn_hidden_size=64, hidden_size=48)
     assert first["kept"]["ffn"] != activation["kept"]["ffn"]
@@ -258,25 +262,43 @@ def test_baseline_importance_methods(make_tiny_model, corpus_jsonl, tmp_path, me
         assert first["kept"]["ffn"][0] == sorted(torch.argsort(norms, descending=True)[:64].tolist())
 
 
-def test_importance_file_is_reused_and_gives_identical_output(make_tiny_model, corpus_jsonl, tmp_path):
+def test_importance_file_is_reused_and_gives_identical_output(make_tiny_model, corpus_jsonl, tmp_path, monkeypatch):
     model_dir = make_tiny_model()
-    run_prune(model_dir, corpus_jsonl, tmp_path / "a", hidden_size=48, ffn_hidden_size=64)
+    first = run_prune(model_dir, corpus_jsonl, tmp_path / "a", hidden_size=48, ffn_hidden_size=64)
     importance = tmp_path / "a" / "importance.safetensors"
-    reused = prune(str(model_dir), "no-data-needed.jsonl", tmp_path / "b", PruneConfig(hidden_size=48, ffn_hidden_size=64),
-                   importance_file=importance, seq_len=SEQ_LEN)
-    assert reused["importance"]["file"] == str(importance) and "width_importance" not in reused["seconds"]
+
+    def no_calibration_pass(*args, **kwargs):
+        raise AssertionError("the importance file holds every score; nothing should be computed")
+
+    monkeypatch.setattr(toolchain.prune, "compute_scores", no_calibration_pass)
+    reused = run_prune(model_dir, corpus_jsonl, tmp_path / "b", importance_file=importance, hidden_size=48, ffn_hidden_size=64)
+    assert reused["importance"]["file"] == str(importance) and reused["importance"]["scores"] == first["importance"]["scores"]
     assert load_file(tmp_path / "a" / "model.safetensors").keys() == load_file(tmp_path / "b" / "model.safetensors").keys()
     for name, tensor in load_file(tmp_path / "a" / "model.safetensors").items():
         assert torch.equal(tensor, load_file(tmp_path / "b" / "model.safetensors")[name])
-    other = prune(str(model_dir), "no-data-needed.jsonl", tmp_path / "c", PruneConfig(ffn_hidden_size=32), importance_file=importance, seq_len=SEQ_LEN)
-    assert other["pruned"]["ffn_hidden_size"] == 32 and other["importance"]["calibration"]["sequences"] > 0
+    other = run_prune(model_dir, corpus_jsonl, tmp_path / "c", importance_file=importance, ffn_hidden_size=32)
+    assert other["pruned"]["ffn_hidden_size"] == 32 and other["importance"]["scores"]["ffn"]["sequences"] > 0
+
+
+@pytest.mark.parametrize("asked,differs", [
+    ({"calibration_samples": 16}, "calibration_samples 8 (asked: 16)"),
+    ({"calibration_samples": 8, "batch_aggregation": "mean"}, "batch_aggregation 'l2' (asked: 'mean')"),
+    ({"calibration_samples": 8, "method": "magnitude"}, "method 'activation' (asked: 'magnitude')"),
+])
+def test_importance_file_computed_with_other_settings_is_refused(make_tiny_model, corpus_jsonl, tmp_path, asked, differs):
+    model_dir = make_tiny_model()
+    run_prune(model_dir, corpus_jsonl, tmp_path / "a", importance={"calibration_samples": 8}, ffn_hidden_size=64)
+    with pytest.raises(UserError, match=re.escape(differs)):
+        run_prune(model_dir, corpus_jsonl, tmp_path / "b", importance=asked, importance_file=tmp_path / "a" / "importance.safetensors",
+                  ffn_hidden_size=64)
+    assert not (tmp_path / "b").exists()
 
 
 def test_importance_file_of_another_model_is_refused(make_tiny_model, corpus_jsonl, tmp_path):
     run_prune(make_tiny_model("first"), corpus_jsonl, tmp_path / "a", ffn_hidden_size=64)
     with pytest.raises(UserError, match="another model"):
-        prune(str(make_tiny_model("second", seed=1)), str(corpus_jsonl), tmp_path / "b", PruneConfig(ffn_hidden_size=64),
-              importance_file=tmp_path / "a" / "importance.safetensors", seq_len=SEQ_LEN)
+        run_prune(make_tiny_model("second", seed=1), corpus_jsonl, tmp_path / "b", importance_file=tmp_path / "a" / "importance.safetensors",
+                  ffn_hidden_size=64)
     assert not (tmp_path / "b").exists()
 
 
@@ -292,8 +314,8 @@ def test_torchrun_two_processes_equal_one(make_tiny_model, corpus_jsonl, tmp_pat
                              "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
     assert double.returncode == 0, double.stderr
     one, two = (json.loads((tmp_path / name / "pruning.json").read_text()) for name in ("one", "two"))
-    assert one["importance"]["calibration"]["world_size"] == 1 and two["importance"]["calibration"]["world_size"] == 2
-    assert one["importance"]["calibration"]["sequences"] == two["importance"]["calibration"]["sequences"]
+    assert one["importance"]["scores"]["ffn"]["world_size"] == 1 and two["importance"]["scores"]["ffn"]["world_size"] == 2
+    assert one["importance"]["scores"]["ffn"]["sequences"] == two["importance"]["scores"]["ffn"]["sequences"]
     assert one["kept"] == two["kept"] and one["dropped_layers"] == two["dropped_layers"]
     scores_one, scores_two = (load_file(tmp_path / name / "importance.safetensors") for name in ("one", "two"))
     assert scores_one.keys() == scores_two.keys()
@@ -317,7 +339,7 @@ def test_llama_3_1_8b_to_the_published_minitron_4b_shapes():
     original = ModelShape.from_config(config)
     assert parameter_counts(config) == {"total": 8_030_261_248, "non_embedding": 6_979_588_096}
 
-    width, _ = target_shape(original, {"hidden_size": 3072, "ffn_hidden_size": 9216})
+    width, _ = target_shape(original, PruneConfig(hidden_size=3072, ffn_hidden_size=9216))
     width_config = pruned_config(config, width, list(range(32)))
     assert (width.num_attention_heads, width.num_key_value_heads, width.head_dim) == (32, 8, 128)
     assert width_config.head_dim == 128 and width_config.hidden_size != width_config.num_attention_heads * width_config.head_dim
@@ -326,7 +348,7 @@ def test_llama_3_1_8b_to_the_published_minitron_4b_shapes():
     assert width_counts == {"total": 4_512_746_496, "non_embedding": 3_724_741_632}
     assert round(width_counts["total"] / 1e9, 1) == 4.5 and round(width_counts["non_embedding"] / 1e9, 1) == 3.7
 
-    depth, dropped = target_shape(original, {}, "16-31")
+    depth, dropped = target_shape(original, PruneConfig(drop_layers="16-31"))
     assert dropped == list(range(16, 32)) and depth.num_layers == 16
     depth_counts = parameter_counts(pruned_config(config, depth, list(range(16))))
     assert depth_counts == {"total": 4_540_469_248, "non_embedding": 3_489_796_096}
@@ -335,15 +357,17 @@ def test_llama_3_1_8b_to_the_published_minitron_4b_shapes():
 
 def test_shape_rules():
     shape = ModelShape(hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64, num_layers=30)
-    kv_only, _ = target_shape(shape, {"num_key_value_heads": 1})
+    kv_only, _ = target_shape(shape, PruneConfig(num_key_value_heads=1))
     assert (kv_only.num_attention_heads, kv_only.num_key_value_heads) == (3, 1)
     assert parse_layer_list("3,5,7-9", 30) == [3, 5, 7, 8, 9]
     with pytest.raises(UserError, match="432 or 441"):
-        target_shape(shape, {"hidden_size": 438})
+        target_shape(shape, PruneConfig(hidden_size=438))
     with pytest.raises(UserError, match="query heads per group"):
-        target_shape(shape, {"num_attention_heads": 8, "num_key_value_heads": 2})
+        target_shape(shape, PruneConfig(num_attention_heads=8, num_key_value_heads=2))
     with pytest.raises(UserError, match="give one of them"):
-        target_shape(shape, {"num_layers": 20}, "0-14")
+        target_shape(shape, PruneConfig(num_layers=20, drop_layers="0-14"))
+    with pytest.raises(UserError, match="no pruning target"):
+        target_shape(shape, PruneConfig())
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -352,7 +376,8 @@ def test_shape_rules():
     (["--num-attention-heads", "3"], "not divisible by 2 key-value heads"),
     (["--hidden-size", "50"], "not a multiple of 4 attention heads, which transformers 5.x refuses; use --hidden-size 48 or 52"),
     (["--drop-layers", "2-7"], "out of range"),
-    (["--num-layers", "-1"], "--num-layers"),
+    (["--num-layers", "-1"], "invalid --num-layers: Input should be greater than 0"),
+    ([], "no pruning target: set at least one of --hidden-size"),
 ])
 def test_bad_targets_fail_with_one_line_and_write_nothing(tiny_model, corpus_jsonl, tmp_path, capsys, flags, message):
     out = tmp_path / "out"
@@ -380,10 +405,10 @@ def test_cli_takes_targets_from_a_recipe_student(tiny_model, corpus_jsonl, tmp_p
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"name: tiny\nteacher: {{model: {tiny_model}}}\ndata: {{spec: {corpus_jsonl}, seq_len: {SEQ_LEN}}}\n"
                       "students:\n  - {name: narrow, prune: {ffn_hidden_size: 64, hidden_size: 48}}\n  - {name: shallow, prune: {num_layers: 2}}\n")
-    code = cli_main(["prune", "--recipe", str(recipe), "--student", "narrow", "--hidden-size", "32", "--out", str(tmp_path / "out")])
+    code = cli_main(["prune", "--recipe", str(recipe), "--recipe-student", "narrow", "--hidden-size", "32", "--out", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "pruning.json").read_text())
     assert report["pruned"]["ffn_hidden_size"] == 64 and report["pruned"]["hidden_size"] == 32  # the flag overrides the recipe
     assert "total params" in capsys.readouterr().out
     assert cli_main(["prune", "--recipe", str(recipe), "--out", str(tmp_path / "x")]) == 2
-    assert "choose one with --student" in capsys.readouterr().err
+    assert "choose one with --recipe-student" in capsys.readouterr().err

@@ -6,12 +6,14 @@ import math
 import pytest
 from safetensors import safe_open
 
+from conftest import cpu, data_settings
 from toolchain.data import prepare_data
 from toolchain.errors import UserError
 from toolchain.evaluate import evaluate_model
 from toolchain.export import export
 from toolchain.models import load_tokenizer
 from toolchain.quantize import check_quantizable, load_quantized_model, quantize
+from toolchain.settings import EvalConfig, ExportConfig, QuantizeConfig
 
 # Tiny shapes that INT4-AWQ accepts: every Linear's in_features is a multiple of 128.
 AWQ_SHAPES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
@@ -32,7 +34,8 @@ def awq_model(make_tiny_model):
 @pytest.mark.parametrize("format", ["fp8", "int8_sq", "int4_awq"])
 def test_quantize_exports_reloads_and_validates(awq_model, corpus_jsonl, tmp_path, format):
     out = tmp_path / "quantized"
-    result = quantize(str(awq_model), format, out, data=str(corpus_jsonl), calibration_samples=8, seq_len=SEQ_LEN, eval_batches=2, batch_size=4)
+    result = quantize(str(awq_model), out, QuantizeConfig(format=format, calibration_samples=8), data_settings(corpus_jsonl, SEQ_LEN), cpu(),
+                      EvalConfig(max_batches=2, batch_size=4))
 
     weight_dtype, weight_shape, quant_algo = EXPECTED[format]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -51,18 +54,19 @@ def test_quantize_exports_reloads_and_validates(awq_model, corpus_jsonl, tmp_pat
 
     # The restorable ModelOpt copy reloads to exactly the calibrated model: same eval perplexity.
     reloaded = load_quantized_model(out)
-    rows = prepare_data(str(corpus_jsonl), load_tokenizer(awq_model), SEQ_LEN).split("eval")
-    assert evaluate_model(reloaded, rows, 4, 2)["perplexity"] == pytest.approx(result.perplexity_after, rel=1e-6)
+    rows = prepare_data(data_settings(corpus_jsonl, SEQ_LEN), load_tokenizer(awq_model)).split("eval")
+    assert evaluate_model(reloaded, rows, EvalConfig(batch_size=4, max_batches=2))["perplexity"] == pytest.approx(result.perplexity_after, rel=1e-6)
 
     # ... and exports to a TensorRT-LLM checkpoint that the validator accepts.
-    exported = export(str(out), "trtllm", tmp_path / "trtllm", dtype="float16", tp=1)
+    exported = export(str(out), tmp_path / "trtllm", ExportConfig(format="trtllm", dtype="float16"))
     assert exported.quantization == format and exported.checkpoint["quant_algo"] == quant_algo
 
 
 def test_fp8_with_kv_cache_exports_tp2_with_replicated_kv_head(make_tiny_model, corpus_jsonl, tmp_path):
     model = make_tiny_model(**dict(AWQ_SHAPES, num_key_value_heads=1))
-    quantize(str(model), "fp8", tmp_path / "q", data=str(corpus_jsonl), calibration_samples=4, seq_len=SEQ_LEN, kv_cache="fp8", eval_batches=1)
-    result = export(str(tmp_path / "q"), "trtllm", tmp_path / "trtllm", dtype="bfloat16", tp=2)
+    quantize(str(model), tmp_path / "q", QuantizeConfig(format="fp8", calibration_samples=4, kv_cache="fp8"), data_settings(corpus_jsonl, SEQ_LEN),
+             cpu(), EvalConfig(max_batches=0))
+    result = export(str(tmp_path / "q"), tmp_path / "trtllm", ExportConfig(format="trtllm", dtype="bfloat16", tp=2))
     assert (result.checkpoint["quant_algo"], result.checkpoint["kv_cache_quant_algo"], result.checkpoint["ranks"]) == ("FP8", "FP8", 2)
 
 
@@ -85,8 +89,11 @@ def test_int4_awq_refuses_tp_splitting_a_block(awq_model):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--format", "nf4"], "unknown quantization format 'nf4'"),
-    (["--format", "fp8", "--kv-cache", "int2"], "unknown KV-cache quantization"),
+    (["--format", "nf4"], "argument --format: invalid choice: 'nf4'"),
+    (["--format", "fp8", "--kv-cache", "int2"], "argument --kv-cache: invalid choice: 'int2'"),
+    ([], "choose a quantization format: --format fp8"),
+    (["--format", "fp8", "--calibration-samples", "0"], "invalid --calibration-samples: Input should be greater than 0"),
+    (["--format", "fp8", "--eval-batches", "-1"], "invalid --eval-batches: Input should be greater than or equal to 0"),
 ])
 def test_bad_arguments_are_one_line_errors(tiny_model, tmp_path, cli, args, message):
     result = cli("quantize", tiny_model, "--out", tmp_path / "q", *args)

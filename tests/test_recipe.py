@@ -21,8 +21,9 @@ def test_every_builtin_recipe_validates(name):
 def test_published_architectures():
     width = load_recipe("llama-3.1-8b-minitron-4b-width").students[0].prune
     assert (width.hidden_size, width.ffn_hidden_size, width.num_attention_heads, width.num_layers) == (3072, 9216, None, None)
-    depth = load_recipe("llama-3.1-8b-minitron-4b-depth").students[0].prune
-    assert depth.num_layers == 16 and depth.hidden_size is None
+    depth = load_recipe("llama-3.1-8b-minitron-4b-depth")
+    assert depth.students[0].prune.num_layers == 16 and depth.students[0].prune.hidden_size is None
+    assert depth.importance.calibration_samples == 1024 and depth.compute.dtype == "bfloat16"
 
 
 def test_overrides_by_index_and_name(tmp_path):
@@ -55,8 +56,8 @@ def test_recipe_file_and_errors(tmp_path):
     assert load_recipe(str(path)).students[0].prune.num_layers == 2
     with pytest.raises(UserError, match="neither a file nor a built-in"):
         load_recipe(str(tmp_path / "missing.yaml"))
-    path.write_text("name: [unclosed")
-    with pytest.raises(UserError, match="not valid YAML"):
+    path.write_text("name: mine\nstudents:\n  - name: a\n    prune: {num_layers: 2\n")
+    with pytest.raises(UserError, match="not valid YAML at line 5, column 1"):
         load_recipe(str(path))
     path.write_text(yaml.safe_dump({"name": "dup", "students": [{"name": "a"}, {"name": "a"}]}))
     with pytest.raises(UserError, match="unique"):
@@ -70,8 +71,50 @@ def test_schema_documents_every_field():
     assert all(description for _, _, description in rows)
 
 
-def test_cli_validate(cli):
-    ok = cli("validate", "llama-3.1-8b-minitron-4b-width", "--teacher", "/models/llama-3.1-8b")
-    assert ok.returncode == 0 and "hidden_size': 3072" in ok.stdout and "/models/llama-3.1-8b" in ok.stdout
-    bad = cli("validate", "smollm2-135m-minitron", "--set", "eval.batch_size=0")
-    assert bad.returncode == 2 and "eval.batch_size" in bad.stderr and "Traceback" not in bad.stderr
+def test_cli_validate_checks_teacher_data_targets_and_profile(cli, tiny_model, corpus_jsonl, tmp_path):
+    ok = cli("validate", "smollm2-135m-minitron", "--teacher", tiny_model, "--data", corpus_jsonl, "--set", "data.seq_len=32",
+             "--set", "students.width.prune.hidden_size=32", "--set", "students.width.prune.ffn_hidden_size=64",
+             "--set", "students.depth.prune.num_layers=2")
+    assert ok.returncode == 0, ok.stderr
+    assert "inputs: teacher, data, student targets and engine profile checked" in ok.stdout and str(tiny_model) in ok.stdout
+    cases = {
+        ("--teacher", tmp_path / "missing"): "neither a directory nor a built-in model",
+        ("--data", tmp_path / "missing.jsonl"): "does not exist",
+        ("--set", "students.width.prune.hidden_size=128"): "students.width.prune.hidden_size 128 is larger than the model's 64",
+        ("--set", "engine.profile=h900-fp8"): "unknown engine profile 'h900-fp8'",
+        ("--set", "data.seq_len=4096"): "data.seq_len 4096 exceeds the teacher's max_position_embeddings (256)",
+        ("--set", "eval.batch_size=0"): "invalid recipe field eval.batch_size",
+    }
+    for flag, message in cases.items():
+        base = {"--teacher": tiny_model, "--data": corpus_jsonl}
+        args = [arg for key, value in base.items() if key != flag[0] for arg in (key, value)]
+        result = cli("validate", "smollm2-135m-minitron", "--set", "students.width.prune.hidden_size=32", *args, *flag)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (flag, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_recipes_lists_and_shows(cli):
+    listed = cli("recipes")
+    assert listed.returncode == 0
+    for name in builtin_recipe_names():
+        assert name in listed.stdout
+    shown = cli("recipes", "show", "smollm2-135m-minitron")
+    assert shown.returncode == 0 and yaml.safe_load(shown.stdout)["name"] == "smollm2-135m-minitron"
+    unknown = cli("recipes", "show", "nope")
+    assert unknown.returncode == 2 and "no built-in recipe 'nope'" in unknown.stderr
+
+
+def test_every_setting_reaches_the_help_and_the_docs(cli):
+    """--help, --schema and docs/settings.md come from the same fields."""
+    from pathlib import Path
+
+    from toolchain.cli_args import field_flag
+    from toolchain.recipe import settings_reference_markdown
+    from toolchain.settings import SECTIONS
+
+    docs = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
+    assert docs.read_text() == settings_reference_markdown(), "regenerate docs/settings.md with `minitron validate --schema --markdown`"
+    help_text = cli("prune", "--help").stdout
+    for section in ("prune", "importance", "data", "compute"):
+        for name in SECTIONS[section].model_fields:
+            assert field_flag(SECTIONS[section], name) in help_text, name

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from toolchain.errors import UserError
 from toolchain.export import export
+from toolchain.settings import ExportConfig
 from toolchain.trtllm_checkpoint import read_hf_state_dict, validate_checkpoint
 
 
@@ -41,7 +42,7 @@ def assert_readback_equals(model_dir, checkpoint, dtype=torch.float16):
 def test_rank_files_read_back_equal_hf_weights(make_tiny_model, tmp_path, tp, pp, heads, kv_heads, architecture):
     model_dir = make_tiny_model(architecture=architecture, num_attention_heads=heads, num_key_value_heads=kv_heads)
     out = tmp_path / "ckpt"
-    result = export(str(model_dir), "trtllm", out, dtype="float16", tp=tp, pp=pp)
+    result = export(str(model_dir), out, ExportConfig(format="trtllm", dtype="float16", tp=tp, pp=pp))
     assert result.checkpoint["ranks"] == tp * pp
     assert sorted(p.name for p in out.glob("rank*.safetensors")) == sorted(f"rank{r}.safetensors" for r in range(tp * pp))
     assert_readback_equals(model_dir, out)
@@ -50,7 +51,7 @@ def test_rank_files_read_back_equal_hf_weights(make_tiny_model, tmp_path, tp, pp
 def test_head_dim_not_hidden_over_heads_survives_export(make_tiny_model, tmp_path):
     model_dir = make_tiny_model(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32)  # 4 x 32 = 128 != 64
     out = tmp_path / "ckpt"
-    export(str(model_dir), "trtllm", out, dtype="float16", tp=2)
+    export(str(model_dir), out, ExportConfig(format="trtllm", dtype="float16", tp=2))
     config = json.loads((out / "config.json").read_text())
     assert config["head_size"] == 32 and config["hidden_size"] == 64
     assert_readback_equals(model_dir, out)
@@ -59,7 +60,7 @@ def test_head_dim_not_hidden_over_heads_survives_export(make_tiny_model, tmp_pat
 def test_tied_embeddings_and_rope_base_are_exported(make_tiny_model, tmp_path):
     model_dir = make_tiny_model(tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
     out = tmp_path / "ckpt"
-    export(str(model_dir), "trtllm", out, dtype="bfloat16")
+    export(str(model_dir), out, ExportConfig(format="trtllm", dtype="bfloat16"))
     config = json.loads((out / "config.json").read_text())
     assert config["rotary_base"] == 100000.0 and config["dtype"] == "bfloat16"
     state = read_hf_state_dict(out, vocab_size=384)
@@ -71,7 +72,7 @@ def test_tied_embeddings_and_rope_base_are_exported(make_tiny_model, tmp_path):
 def checkpoint(make_tiny_model, tmp_path):
     model_dir = make_tiny_model()
     out = tmp_path / "ckpt"
-    export(str(model_dir), "trtllm", out, dtype="float16", tp=2)
+    export(str(model_dir), out, ExportConfig(format="trtllm", dtype="float16", tp=2))
     return model_dir, out
 
 

@@ -5,7 +5,6 @@ Each module listed in COMMANDS defines `configure_parser(parser)` (its flags) an
 its subcommand runs, so `minitron --help` does not import torch.
 """
 
-import argparse
 import importlib
 import logging
 import os
@@ -13,12 +12,14 @@ import signal
 import sys
 
 from toolchain import __version__
-from toolchain.errors import UserError
+from toolchain.cli_args import ArgumentParser, flag_of
+from toolchain.errors import UserError, settings_named_by
 
 COMMANDS = {
     "models": ("toolchain.models", "list the built-in models, whether each is available and where it is cached"),
     "eval": ("toolchain.evaluate", "perplexity on the eval split; with --teacher also KL and top-1 agreement"),
-    "validate": ("toolchain.recipe", "load and validate a recipe and print the resolved plan"),
+    "recipes": ("toolchain.recipes", "list the built-in recipes; `recipes show NAME` prints one to copy and edit"),
+    "validate": ("toolchain.recipe", "validate a recipe, check its teacher, data and engine profile, and print the resolved plan"),
     "prune": ("toolchain.prune", "Minitron structured pruning (width and depth) of a Hugging Face checkpoint"),
     "finetune": ("toolchain.finetune", "LM-loss fine-tuning of a model on the data (Minitron's teacher correction)"),
     "distill": ("toolchain.distill", "knowledge distillation of a student from a teacher with ModelOpt"),
@@ -33,10 +34,10 @@ COMMANDS = {
 }
 
 
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> ArgumentParser:
     """All subcommands with their help; only the one named in argv gets its flags (and imports its module)."""
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
-    parser = argparse.ArgumentParser(prog="minitron", description="Minitron pruning, distillation and deployment of Llama-family models.")
+    parser = ArgumentParser(prog="minitron", description="Minitron pruning, distillation and deployment of Llama-family models.")
     parser.add_argument("--version", action="version", version=f"minitron-toolchain {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
@@ -64,16 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)
+    module = importlib.import_module(args.module_name)
     try:
-        return importlib.import_module(args.module_name).command(args) or 0
+        with settings_named_by(flag_of):
+            return module.command(args) or 0
     except UserError as exc:
-        print(f"minitron {args.subcommand}: error: {exc}", file=sys.stderr)
+        print(f"minitron {args.subcommand}: error: {str(exc).replace(chr(10), ' | ')}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into e.g. `head`
         sys.stdout = open(os.devnull, "w")
         return 0
     except KeyboardInterrupt:
-        print(f"minitron {args.subcommand}: interrupted", file=sys.stderr)
+        print(f"minitron {args.subcommand}: interrupted{getattr(module, 'INTERRUPT_HINT', '')}", file=sys.stderr)
         return 130
     finally:
         sys.stdout.flush()

@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolchain.errors import UserError
+from toolchain.errors import UserError, setting
 from toolchain.paths import atomic_output_dir, atomic_write_text, cache_dir
+from toolchain.settings import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,24 @@ class PackedData:
     """Packed token rows of the three splits, memory-mapped from the cache."""
 
     directory: Path
+    spec: str
     seq_len: int
 
     def split(self, name: str) -> np.ndarray:
+        """The rows of one split (`all`: every split, in the order calibration, train, eval); an empty one is a user error."""
+        if name == "all":
+            return np.concatenate([np.load(self.directory / f"{split}.npy", mmap_mode="r") for split in SPLITS])
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}")
-        return np.load(self.directory / f"{name}.npy", mmap_mode="r")
+        rows = np.load(self.directory / f"{name}.npy", mmap_mode="r")
+        if len(rows) == 0:
+            documents = self.meta["documents"][name]
+            fraction = {"eval": "data.eval_fraction", "calibration": "data.calibration_fraction"}.get(name)
+            fixes = [f"lower {setting('data.seq_len')}"] + ([f"raise {setting(fraction)}"] if fraction else []) + (
+                [f"evaluate another split ({setting('eval.split')} all)"] if name == "eval" else [])
+            raise UserError(f"data {self.spec!r} has no {name} sequence: its {name} split holds {documents} documents, fewer tokens than one "
+                            f"sequence of {self.seq_len}; add data, {', or '.join(fixes)}")
+        return rows
 
     @property
     def meta(self) -> dict:
@@ -201,61 +214,52 @@ def pack_documents(documents: list[str], tokenizer, seq_len: int) -> np.ndarray:
     return np.asarray(stream[: rows * seq_len], dtype=np.int32).reshape(rows, seq_len)
 
 
-def prepare_data(
-    spec: str,
-    tokenizer,
-    seq_len: int,
-    text_field: str = "text",
-    eval_fraction: float = 0.05,
-    calibration_fraction: float = 0.05,
-) -> PackedData:
-    """Tokenize, pack and split a data spec once; later calls with the same inputs read the cache."""
-    if seq_len <= 0:
-        raise UserError(f"seq_len must be positive, got {seq_len}")
-    if not (0 < eval_fraction < 1 and 0 < calibration_fraction < 1 and eval_fraction + calibration_fraction < 1):
-        raise UserError("eval_fraction and calibration_fraction must be in (0, 1) and sum to less than 1")
+def data_key(data: DataConfig, tokenizer) -> str:
+    """Identity of the packed data: content, tokenizer vocabulary, sequence length, text field and split rule."""
+    settings = {"source": source_fingerprint(data.spec, data.text_field), "tokenizer": tokenizer_fingerprint(tokenizer),
+                "seq_len": data.seq_len, "text_field": data.text_field, "eval_fraction": data.eval_fraction,
+                "calibration_fraction": data.calibration_fraction, "format": PACKING_FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare_data(data: DataConfig, tokenizer) -> PackedData:
+    """Tokenize, pack and split the data once; later calls with the same settings read the cache.
+
+    A split may come out empty (a small file has no eval document); `PackedData.split` refuses to
+    hand out an empty split, so a stage fails only on the split it needs.
+    """
+    spec, seq_len = data.spec, data.seq_len
     check_data_spec(spec)
-    settings = {
-        "spec": spec,
-        "source": source_fingerprint(spec, text_field),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "seq_len": seq_len,
-        "text_field": text_field,
-        "eval_fraction": eval_fraction,
-        "calibration_fraction": calibration_fraction,
-        "format": PACKING_FORMAT_VERSION,
-    }
-    key = hashlib.sha256(json.dumps({k: v for k, v in settings.items() if k != "spec"}, sort_keys=True).encode()).hexdigest()[:20]
+    key = data_key(data, tokenizer)
     directory = cache_dir() / "data" / key
     if (directory / "meta.json").is_file():
-        return PackedData(directory, seq_len)
+        return PackedData(directory, spec, seq_len)
 
-    documents = read_documents(spec, text_field)
+    documents = read_documents(spec, data.text_field)
     if not documents:
         raise UserError(f"data {spec!r} is empty; it holds no text")
     by_split = {name: [] for name in SPLITS}
     for text in documents:
-        by_split[split_of_document(text, eval_fraction, calibration_fraction)].append(text)
+        by_split[split_of_document(text, data.eval_fraction, data.calibration_fraction)].append(text)
     packed = {name: pack_documents(docs, tokenizer, seq_len) for name, docs in by_split.items()}
-    for name, rows in packed.items():
-        if len(rows) == 0:
-            raise UserError(
-                f"data {spec!r} is too small: its {name} split ({len(by_split[name])} documents) holds fewer tokens than one "
-                f"sequence of {seq_len}; add data, lower --seq-len or change the split fractions"
-            )
+    if not any(len(rows) for rows in packed.values()):
+        raise UserError(f"data {spec!r} is too small: its {len(documents)} documents hold fewer tokens than one sequence of {seq_len}; "
+                        f"add data or lower {setting('data.seq_len')}")
+    settings = {"spec": spec, "key": key, "seq_len": seq_len, "text_field": data.text_field, "eval_fraction": data.eval_fraction,
+                "calibration_fraction": data.calibration_fraction, "format": PACKING_FORMAT_VERSION}
     with atomic_output_dir(directory, overwrite=True) as tmp:
         for name, rows in packed.items():
             np.save(tmp / f"{name}.npy", rows)
         meta = dict(settings, documents={name: len(docs) for name, docs in by_split.items()}, sequences={name: len(rows) for name, rows in packed.items()})
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     log.info("packed %s: %s sequences of %d tokens", spec, meta["sequences"], seq_len)
-    return PackedData(directory, seq_len)
+    return PackedData(directory, spec, seq_len)
 
 
 def check_seq_len(seq_len: int, model_config) -> None:
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
-        raise UserError(f"seq_len {seq_len} exceeds the model's max_position_embeddings ({limit}); lower --seq-len")
+        raise UserError(f"sequence length {seq_len} exceeds the model's max_position_embeddings ({limit}); lower {setting('data.seq_len')}")
 
 
 def shard_rows(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -265,8 +269,6 @@ def shard_rows(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 
 def iterate_batches(rows: np.ndarray, batch_size: int, max_batches: int | None = None):
     """Yield int64 tensors of at most batch_size rows, in order, reading the memory map lazily."""
-    if batch_size <= 0:
-        raise UserError(f"batch size must be positive, got {batch_size}")
     count = 0
     for start in range(0, len(rows), batch_size):
         if max_batches is not None and count >= max_batches:

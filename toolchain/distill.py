@@ -10,43 +10,24 @@ It does not prune (`minitron prune`) and does not fine-tune the teacher (`minitr
 
 import json
 import logging
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-from toolchain.cli_args import add_data_arguments, add_model_arguments
 from toolchain.data import check_seq_len
 from toolchain.distributed import distributed_context, prepare_data_on_ranks
-from toolchain.errors import UserError
+from toolchain.errors import UserError, setting
 from toolchain.evaluate import check_same_vocabulary, evaluate_model
-from toolchain.models import load_model, load_tokenizer, model_fingerprint, resolve_model_dir
-from toolchain.recipe import DistillConfig
-from toolchain.training import (
-    TrainingTask,
-    add_training_arguments,
-    config_from_args,
-    lm_loss,
-    prepare_student,
-    print_summary,
-    run_identity,
-    train,
-    write_final_model,
-)
+from toolchain.finetune import add_run_flags, print_training_summary
+from toolchain.losses import next_token_nll
+from toolchain.modelopt_compat import expected_modelopt_warnings, modelopt
+from toolchain.models import load_frozen_model, load_model, load_tokenizer, model_fingerprint, resolve_model_dir
+from toolchain.settings import ComputeConfig, DataConfig, DistillConfig, EvalConfig
+from toolchain.training import TrainingTask, prepare_student, publish_run_dir, run_identity, train, working_dir, write_final_model
 
 log = logging.getLogger(__name__)
-
-LOSS_FLAGS = ("temperature", "logit_loss_weight", "lm_loss_weight", "intermediate_loss", "intermediate_loss_weight")
-
-
-def modelopt_distill():
-    """`modelopt.torch.distill`, without its warning that transformers 5 is untested (KD runs with it: REFERENCE §2)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
-        import modelopt.torch.distill as mtd
-    return mtd
 
 
 class TokenKLLoss(_Loss):
@@ -54,7 +35,7 @@ class TokenKLLoss(_Loss):
 
     def __init__(self, temperature: float):
         super().__init__()
-        self.kl = modelopt_distill().LogitsDistillationLoss(temperature=temperature, reduction="none")
+        self.kl = modelopt("distill").LogitsDistillationLoss(temperature=temperature, reduction="none")
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return self.kl(student_logits.float(), teacher_logits.float()).mean()
@@ -103,7 +84,7 @@ def layer_mapping(kept: list[int], teacher_layers: int) -> list[tuple[int, int]]
 
 def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]]):
     """ModelOpt criterion and loss balancer; weights are normalised so they sum to 1 with the LM loss's share."""
-    mtd = modelopt_distill()
+    mtd = modelopt("distill")
 
     criterion = {}
     weights = []
@@ -118,8 +99,7 @@ def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]]
             weights.append(hidden_weight / total / len(mapping))
     # Rounding can push the sum a hair above 1, which StaticLossBalancer refuses; below 1 it warns unless an LM loss is passed.
     weights = [w * (1 - 1e-9) for w in weights]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*do not sum to 1.0.*")
+    with expected_modelopt_warnings():
         balancer = mtd.StaticLossBalancer(weights)
     return criterion, balancer
 
@@ -127,7 +107,7 @@ def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]]
 def build_distillation(teacher_model, student_model, config: DistillConfig, mapping: list[tuple[int, int]]):
     """ModelOpt's distillation model around the student (teacher frozen inside) and the loss function for the loop."""
     criterion, balancer = distillation_criterion(config, mapping)
-    distill_model = modelopt_distill().convert(
+    distill_model = modelopt("distill").convert(
         student_model, mode=[("kd_loss", {"teacher_model": teacher_model, "criterion": criterion, "loss_balancer": balancer})])
     return distill_model, kd_loss_function(distill_model, config, criterion)
 
@@ -142,7 +122,7 @@ def kd_loss_function(distill_model, config: DistillConfig, criterion: dict):
 
     def compute_loss(wrapped, input_ids):
         output = wrapped(input_ids=input_ids, use_cache=False)
-        student_loss = lm_loss(output.logits, input_ids) if config.lm_loss_weight > 0 else None
+        student_loss = next_token_nll(output.logits, input_ids) if config.lm_loss_weight > 0 else None
         parts = distill_model.compute_kd_loss(student_loss=student_loss, skip_balancer=True)
         losses = {"loss": distill_model.loss_balancer(parts)}
         for key, value in parts.items():
@@ -159,79 +139,72 @@ def check_pair(teacher_model, student_model, config: DistillConfig) -> None:
                         "distil into a student pruned from this teacher")
     if config.intermediate_loss != "none" and teacher_model.config.hidden_size != student_model.config.hidden_size:
         raise UserError(f"the hidden-state loss needs equal hidden sizes, but the teacher has {teacher_model.config.hidden_size} and the student "
-                        f"{student_model.config.hidden_size}; use it for depth-pruned students, or pass --intermediate-loss none")
+                        f"{student_model.config.hidden_size}; use it for depth-pruned students, or set {setting('distill.intermediate_loss')} none")
 
 
-def distill(
-    teacher: str,
-    student: str,
-    data: str,
-    out: Path,
-    config: DistillConfig,
-    seq_len: int = 256,
-    text_field: str = "text",
-    dtype: str = "float32",
-    device: str = "cpu",
-    resume: bool = False,
-    overwrite: bool = False,
-    eval_batches: int | None = None,
-) -> dict:
+def distill(teacher: str, student: str, out: Path, settings: DistillConfig, data: DataConfig, compute: ComputeConfig, evaluation: EvalConfig,
+            resume: bool = False, overwrite: bool = False, resume_hint: str = "continue with --resume") -> dict:
     """Distil `student` from `teacher` on the train split of `data` into `out`; returns the final metrics.
 
-    `out` receives the plain HF student, `train_log.jsonl`, `eval.json` (eval split, against the
-    teacher) and resumable checkpoints. Under torchrun every rank calls this with the same arguments.
+    `out` receives the plain HF student, `train_log.jsonl`, `eval.json` (eval split against the teacher,
+    unless `evaluation.max_batches` is 0) and resumable checkpoints; with `overwrite` an existing output
+    is replaced only once the new run is complete. Under torchrun every rank calls this with the same arguments.
     """
     out = Path(out)
-    mtd = modelopt_distill()
-
+    work = working_dir(out, overwrite)
+    mtd = modelopt("distill")
     teacher_dir, student_dir = resolve_model_dir(teacher), resolve_model_dir(student)
     tokenizer = load_tokenizer(student_dir)
     check_same_vocabulary(tokenizer, load_tokenizer(teacher_dir), f"student {student}", f"teacher {teacher}")
-    with distributed_context(device) as runtime:
-        teacher_model = load_model(teacher_dir, dtype=dtype, device=str(runtime.device))
-        student_model = load_model(student_dir, dtype=dtype, device=str(runtime.device))
-        check_pair(teacher_model, student_model, config)
-        check_seq_len(seq_len, teacher_model.config)
-        check_seq_len(seq_len, student_model.config)
-        packed = prepare_data_on_ranks(data, tokenizer, seq_len, text_field, runtime)
+    with distributed_context(compute.device) as runtime:
+        device = str(runtime.device)
+        # One process, one teacher: shared with the stages around it. Under torchrun DDP/FSDP wrap it, so each run loads its own.
+        teacher_model = (load_frozen_model if runtime.world_size == 1 else load_model)(teacher_dir, dtype=compute.dtype, device=device)
+        student_model = load_model(student_dir, dtype=compute.dtype, device=device)
+        check_pair(teacher_model, student_model, settings)
+        check_seq_len(data.seq_len, teacher_model.config)
+        check_seq_len(data.seq_len, student_model.config)
+        packed = prepare_data_on_ranks(data, tokenizer, runtime)
 
         teacher_layers, student_layers = teacher_model.config.num_hidden_layers, student_model.config.num_hidden_layers
         mapping = layer_mapping(kept_teacher_layers(student_dir, teacher_layers, student_layers), teacher_layers)
         student_config = student_model.config
-        distill_model, compute_loss = build_distillation(teacher_model, prepare_student(student_model, config), config, mapping)
+        distill_model, compute_loss = build_distillation(teacher_model, prepare_student(student_model, settings), settings, mapping)
 
-        identity = run_identity(config, runtime.world_size, stage="distill", teacher=model_fingerprint(teacher_dir),
-                                student=model_fingerprint(student_dir), data=packed.directory.name, seq_len=seq_len)
-        task = TrainingTask(distill_model, compute_loss, student_config, frozen=[teacher_model])
-        result = train(task, packed.split("train"), config, out, identity, runtime, resume=resume, overwrite=overwrite, description="distill")
+        identity = run_identity(settings, runtime.world_size, stage="distill", teacher=model_fingerprint(teacher_dir),
+                                student=model_fingerprint(student_dir), data=packed.directory.name)
+        task = TrainingTask(distill_model, compute_loss, student_config, frozen=[teacher_model],
+                            foreign_state_key=lambda key: key.startswith("_teacher_model."))
+        result = train(task, packed.split("train"), settings, work, identity, runtime, resume=resume, overwrite=overwrite,
+                       description="distill", resume_hint=resume_hint)
 
         plain_student = mtd.export(result.model).eval()
-        metrics = evaluate_model(plain_student, packed.split("eval"), max_batches=eval_batches, teacher=teacher_model, description="eval vs teacher")
-        summary = {"teacher": str(teacher), "student": str(student), "data": data, "out": str(out), "steps": result.steps,
+        metrics = (evaluate_model(plain_student, packed.split("eval"), evaluation, teacher=teacher_model, description="eval vs teacher")
+                   if evaluation.max_batches != 0 else None)
+        summary = {"teacher": str(teacher), "student": str(student), "data": data.spec, "out": str(out), "steps": result.steps,
                    "tokens": result.tokens, "train_seconds": result.seconds, "final_train": result.last, "eval": metrics,
-                   "layer_mapping": mapping if config.intermediate_loss != "none" else None}
-        write_final_model(out, plain_student, tokenizer, {"eval.json": json.dumps(summary, indent=2) + "\n"}, runtime)
+                   "layer_mapping": mapping if settings.intermediate_loss != "none" else None}
+        write_final_model(work, plain_student, tokenizer, {"eval.json": json.dumps(summary, indent=2) + "\n"}, runtime)
+        publish_run_dir(out, work, runtime)
     return summary
 
 
 def configure_parser(parser) -> None:
+    from toolchain.cli_args import add_recipe_source, add_section_flags
+
     parser.add_argument("--teacher", required=True, help="teacher: a local Hugging Face directory or a built-in name")
     parser.add_argument("--student", required=True, help="student: a local Hugging Face directory with the teacher's tokenizer (e.g. from `minitron prune`)")
     parser.add_argument("--out", required=True, type=Path, help="run directory: the distilled student, train_log.jsonl, eval.json, checkpoints/")
-    add_data_arguments(parser)
-    add_model_arguments(parser)
-    add_training_arguments(parser)
-    losses = parser.add_argument_group("losses (weights are relative)")
-    losses.add_argument("--temperature", type=float, help="softmax temperature of the logit KL (default 1.0)")
-    losses.add_argument("--logit-loss-weight", type=float, help="weight of KL(teacher || student) on logits (default 1.0)")
-    losses.add_argument("--lm-loss-weight", type=float, help="weight of the LM cross-entropy (default 0)")
-    losses.add_argument("--intermediate-loss", choices=["none", "cosine", "mse"], help="hidden-state loss between mapped decoder layers (default none)")
-    losses.add_argument("--intermediate-loss-weight", type=float, help="weight of the hidden-state loss (default 0; needs --intermediate-loss)")
+    add_run_flags(parser)
+    add_recipe_source(parser, student=True)
+    for section in ("distill", "data", "compute", "eval"):
+        add_section_flags(parser, section)
 
 
 def command(args) -> int:
-    config = config_from_args(args, DistillConfig, LOSS_FLAGS)
-    metrics = distill(args.teacher, args.student, args.data, args.out, config, seq_len=args.seq_len, text_field=args.text_field,
-                      dtype=args.dtype, device=args.device, resume=args.resume, overwrite=args.overwrite, eval_batches=args.eval_batches)
-    print_summary(metrics, args.json)
+    from toolchain.cli_args import sections_from_args
+
+    settings, data, compute, evaluation = sections_from_args(args, "distill", "data", "compute", "eval")
+    summary = distill(args.teacher, args.student, args.out, settings, data, compute, evaluation, resume=args.resume, overwrite=args.overwrite)
+    print_training_summary(summary, args.json)
     return 0

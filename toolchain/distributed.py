@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from toolchain.data import prepare_data
 from toolchain.models import resolve_device
+from toolchain.settings import DataConfig
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,11 @@ def distributed_context(device: str):
             dist.destroy_process_group()
 
 
-def prepare_data_on_ranks(spec: str, tokenizer, seq_len: int, text_field: str, runtime: Distributed):
+def prepare_data_on_ranks(data: DataConfig, tokenizer, runtime: Distributed):
     """Rank 0 tokenizes and caches the data first, so ranks never write the same cache entry at once."""
     if not runtime.is_main:
         runtime.barrier()
-    packed = prepare_data(spec, tokenizer, seq_len, text_field=text_field)
+    packed = prepare_data(data, tokenizer)
     if runtime.is_main:
         runtime.barrier()
     return packed

@@ -1,4 +1,4 @@
-"""`minitron eval`: perplexity of a model on the eval split, and how closely it follows a teacher.
+"""`minitron eval`: perplexity of a model on a split of the data (the eval split by default), and how closely it follows a teacher.
 
 Metrics, all per predicted token (position t predicts token t+1 inside each packed row):
 - perplexity = exp(mean negative log-likelihood);
@@ -15,17 +15,19 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from toolchain.cli_args import add_data_arguments, add_model_arguments
 from toolchain.data import check_seq_len, iterate_batches, prepare_data, tokenizer_fingerprint
-from toolchain.errors import UserError
-from toolchain.models import load_model, load_tokenizer
+from toolchain.errors import UserError, setting
+from toolchain.losses import next_token_nll
+from toolchain.models import load_frozen_model, load_model, load_tokenizer
 from toolchain.progress import progress_bar
+from toolchain.settings import ComputeConfig, DataConfig, EvalConfig
 
 
 @dataclass
 class EvalResult:
     model: str
     data: str
+    split: str
     tokens: int
     sequences: int
     seq_len: int
@@ -44,30 +46,28 @@ class EvalResult:
 
 def batch_metrics(logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> dict:
     """Sums over one batch (not means), so batches of any size combine exactly."""
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:].to(logits.device)
-    log_probs = F.log_softmax(logits, dim=-1)
-    sums = {"nll": -log_probs.gather(-1, targets.unsqueeze(-1)).sum().item(), "tokens": targets.numel()}
+    sums = {"nll": next_token_nll(logits, input_ids, "sum").item(), "tokens": input_ids[:, 1:].numel()}
     if teacher_logits is not None:
+        log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
         teacher_log_probs = F.log_softmax(teacher_logits[:, :-1].float().to(logits.device), dim=-1)
         sums["kl"] = (teacher_log_probs.exp() * (teacher_log_probs - log_probs)).sum().item()
         sums["agree"] = (teacher_log_probs.argmax(-1) == log_probs.argmax(-1)).sum().item()
-        sums["teacher_nll"] = -teacher_log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
+        sums["teacher_nll"] = next_token_nll(teacher_logits, input_ids, "sum").item()
     return sums
 
 
 @torch.no_grad()
-def evaluate_model(model, rows, batch_size: int = 8, max_batches: int | None = None, teacher=None, description: str = "eval") -> dict:
+def evaluate_model(model, rows, settings: EvalConfig, teacher=None, description: str = "eval") -> dict:
     """Stream `rows` through the model (and teacher) and return loss, perplexity and teacher metrics."""
     device = next(model.parameters()).device
     totals: dict[str, float] = {}
     sequences = 0
     started = time.perf_counter()
-    total_batches = math.ceil(len(rows) / batch_size)
-    if max_batches is not None:
-        total_batches = min(total_batches, max_batches)
+    total_batches = math.ceil(len(rows) / settings.batch_size)
+    if settings.max_batches is not None:
+        total_batches = min(total_batches, settings.max_batches)
     with progress_bar(description, total=total_batches) as bar:
-        for input_ids in iterate_batches(rows, batch_size, max_batches):
+        for input_ids in iterate_batches(rows, settings.batch_size, settings.max_batches):
             input_ids = input_ids.to(device)
             logits = model(input_ids=input_ids, use_cache=False).logits
             teacher_logits = None
@@ -80,7 +80,7 @@ def evaluate_model(model, rows, batch_size: int = 8, max_batches: int | None = N
     seconds = time.perf_counter() - started
     tokens = int(totals.get("tokens", 0))
     if tokens == 0:
-        raise ValueError("no tokens to evaluate")
+        raise UserError(f"nothing was evaluated ({setting('eval.max_batches')} {settings.max_batches}); evaluate at least one batch")
     loss = totals["nll"] / tokens
     metrics = {
         "tokens": tokens,
@@ -97,29 +97,21 @@ def evaluate_model(model, rows, batch_size: int = 8, max_batches: int | None = N
     return metrics
 
 
-def evaluate(
-    model: str,
-    data: str = "builtin:python-docs",
-    teacher: str | None = None,
-    seq_len: int = 256,
-    batch_size: int = 8,
-    max_batches: int | None = None,
-    text_field: str = "text",
-    dtype: str = "float32",
-    device: str = "cpu",
-) -> EvalResult:
-    """Evaluate `model` on the eval split of `data`; with `teacher`, also KL and top-1 agreement."""
+def evaluate(model: str, data: DataConfig, settings: EvalConfig, compute: ComputeConfig, teacher: str | None = None) -> EvalResult:
+    """Evaluate `model` on a split of `data` (`settings.split`); with `teacher`, also KL and top-1 agreement."""
     tokenizer = load_tokenizer(model)
-    student = load_model(model, dtype=dtype, device=device)
-    check_seq_len(seq_len, student.config)
+    if teacher is not None:
+        check_same_vocabulary(tokenizer, load_tokenizer(teacher), model, teacher)
+    student = load_model(model, dtype=compute.dtype, device=compute.device)
+    check_seq_len(data.seq_len, student.config)
     teacher_model = None
     if teacher is not None:
-        teacher_model = load_model(teacher, dtype=dtype, device=device)
-        check_same_vocabulary(tokenizer, load_tokenizer(teacher), model, teacher)
-        check_seq_len(seq_len, teacher_model.config)
-    packed = prepare_data(data, tokenizer, seq_len, text_field=text_field)
-    metrics = evaluate_model(student, packed.split("eval"), batch_size, max_batches, teacher_model)
-    return EvalResult(model=str(model), data=data, seq_len=seq_len, teacher=None if teacher is None else str(teacher), **metrics)
+        teacher_model = load_frozen_model(teacher, dtype=compute.dtype, device=compute.device)
+        check_seq_len(data.seq_len, teacher_model.config)
+    rows = prepare_data(data, tokenizer).split(settings.split)
+    metrics = evaluate_model(student, rows, settings, teacher_model)
+    return EvalResult(model=str(model), data=data.spec, split=settings.split, seq_len=data.seq_len,
+                      teacher=None if teacher is None else str(teacher), **metrics)
 
 
 def check_same_vocabulary(tokenizer, other_tokenizer, name: str, other_name: str) -> None:
@@ -130,7 +122,7 @@ def check_same_vocabulary(tokenizer, other_tokenizer, name: str, other_name: str
 def format_eval_result(result: EvalResult) -> str:
     rows = [
         ("model", result.model),
-        ("data", f"{result.data} (eval split, {result.sequences} x {result.seq_len} tokens)"),
+        ("data", f"{result.data} ({result.split} split, {result.sequences} x {result.seq_len} tokens)"),
         ("perplexity", f"{result.perplexity:.3f}"),
         ("loss (nats/token)", f"{result.loss:.4f}"),
     ]
@@ -151,17 +143,19 @@ def print_eval_result(result: EvalResult, as_json: bool) -> None:
 
 
 def configure_parser(parser) -> None:
+    from toolchain.cli_args import add_recipe_source, add_section_flags
+
     parser.add_argument("model", help="model: a local Hugging Face directory or a built-in name")
     parser.add_argument("--teacher", help="teacher model, for KL(teacher || model) and top-1 agreement")
-    add_data_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
-    parser.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches (default: the whole eval split)")
-    add_model_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_recipe_source(parser)
+    for section in ("data", "eval", "compute"):
+        add_section_flags(parser, section)
 
 
 def command(args) -> int:
-    result = evaluate(args.model, data=args.data, teacher=args.teacher, seq_len=args.seq_len, batch_size=args.batch_size,
-                      max_batches=args.max_batches, text_field=args.text_field, dtype=args.dtype, device=args.device)
-    print_eval_result(result, args.json)
+    from toolchain.cli_args import sections_from_args
+
+    data, settings, compute = sections_from_args(args, "data", "eval", "compute")
+    print_eval_result(evaluate(args.model, data, settings, compute, teacher=args.teacher), args.json)
     return 0

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch
 
-from toolchain.errors import UserError
-from toolchain.models import load_model, load_tokenizer, read_config, resolve_dtype, resolve_model_dir
-from toolchain.paths import atomic_output_dir
+from toolchain.errors import UserError, setting
+from toolchain.modelopt_compat import modelopt
+from toolchain.models import load_model, read_config, resolve_dtype, resolve_model_dir, save_tokenizer
+from toolchain.paths import atomic_output_dir, check_output_location, directory_bytes
 from toolchain.quantize import check_quantizable, is_quantized_checkpoint, load_quantized_model, quantized_format
+from toolchain.settings import ExportConfig
 from toolchain.trtllm_checkpoint import check_parallelism, validate_checkpoint
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hf", "trtllm", "onnx")
-DEFAULT_DTYPES = {"hf": "bfloat16", "trtllm": "bfloat16", "onnx": "float32"}
 
 
 @dataclass
@@ -63,7 +63,7 @@ def check_trtllm_export(config: dict, tp: int, pp: int, quantization: str, dtype
                         f"across ranks; use tp <= {kv_heads}, or fp8 / int4_awq")
     check_quantizable(config, quantization, tp)
     if dtype == "float32":
-        raise UserError("TensorRT-LLM checkpoints are exported as float16 or bfloat16 (ModelOpt turns float32 into float16); pass --dtype bfloat16 or float16")
+        raise UserError(f"TensorRT-LLM checkpoints are exported as float16 or bfloat16 (ModelOpt turns float32 into float16); set {setting('export.dtype')} bfloat16 or float16")
 
 
 def load_for_export(model_dir: Path) -> tuple[torch.nn.Module, str]:
@@ -84,16 +84,14 @@ def rope_settings(source_config: dict) -> dict:
 
 def export_trtllm_checkpoint(model, out: Path, dtype: str, tp: int, pp: int, source_config: dict):
     """ModelOpt's TensorRT-LLM export into `out`, the config completed, then validated against the source config."""
-    from modelopt.torch.export import export_tensorrt_llm_checkpoint
-    from modelopt.torch.export.model_utils import get_model_type
-
+    exporter = modelopt("export")
     if not model.config.architectures:
         model.config.architectures = [type(model).__name__]
     torch_dtype = resolve_dtype(dtype)
     model = model.to(torch_dtype)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), torch.inference_mode():
-        export_tensorrt_llm_checkpoint(model, decoder_type=get_model_type(model), dtype=torch_dtype, export_dir=out,
+        exporter.export_tensorrt_llm_checkpoint(model, decoder_type=modelopt("export.model_utils").get_model_type(model), dtype=torch_dtype, export_dir=out,
                                        inference_tensor_parallel=tp, inference_pipeline_parallel=pp)
     log.debug("ModelOpt export output:\n%s", printed.getvalue())
     config_path = Path(out) / "config.json"
@@ -101,13 +99,6 @@ def export_trtllm_checkpoint(model, out: Path, dtype: str, tp: int, pp: int, sou
     config.update(rope_settings(source_config))
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return validate_checkpoint(out, source_config)
-
-
-def export_hf(model, out: Path, dtype: str) -> None:
-    from modelopt.torch.export import export_hf_checkpoint
-
-    torch_dtype = resolve_dtype(dtype)
-    export_hf_checkpoint(model.to(torch_dtype), dtype=torch_dtype, export_dir=out)
 
 
 def export_onnx(model_dir: Path, out: Path) -> None:
@@ -121,36 +112,27 @@ def export_onnx(model_dir: Path, out: Path) -> None:
     staging.rmdir()
 
 
-def directory_bytes(directory: Path) -> int:
-    return sum(path.stat().st_size for path in Path(directory).rglob("*") if path.is_file())
+def export(model: str, out: str | Path, settings: ExportConfig, overwrite: bool = False) -> ExportResult:
+    """Export `model` (a HF folder, built-in name or `minitron quantize` output) to `out` as `settings` say.
 
-
-def export(
-    model: str,
-    format: str,
-    out: str | Path,
-    dtype: str | None = None,
-    tp: int = 1,
-    pp: int = 1,
-    overwrite: bool = False,
-) -> ExportResult:
-    """Export `model` (a HF folder, built-in name or `minitron quantize` output) to `out` in `format`.
-
-    `dtype` defaults to bfloat16 for hf/trtllm and float32 for onnx; tp/pp apply to trtllm only.
+    tp/pp apply to trtllm only.
     """
+    from toolchain.quantize import export_unified_checkpoint
+
     started = time.perf_counter()
-    if format not in FORMATS:
-        raise UserError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
-    dtype = dtype or DEFAULT_DTYPES[format]
-    resolve_dtype(dtype)
+    format, dtype, tp, pp = settings.format, settings.resolved_dtype(), settings.tp, settings.pp
+    if format == "none":
+        raise UserError(f"choose an export format: {setting('export.format')} hf, trtllm or onnx")
     if format != "trtllm" and (tp != 1 or pp != 1):
-        raise UserError(f"--tp/--pp split TensorRT-LLM checkpoints; the {format} format has no ranks: drop them or use --format trtllm")
+        raise UserError(f"{setting('export.tp')}/{setting('export.pp')} split TensorRT-LLM checkpoints; the {format} format has no ranks: "
+                        f"leave them at 1 or export trtllm")
+    check_output_location(Path(out), overwrite=overwrite)
     model_dir = resolve_model_dir(model)
     source_config = read_config(model_dir)
     quantization = quantized_format(model_dir) if is_quantized_checkpoint(model_dir) else "none"
     if format == "onnx" and (dtype != "float32" or quantization != "none"):
-        raise UserError("the ONNX CPU engine is built from an unquantized model in float32; pass the unquantized model and "
-                        "--dtype float32 (int4 CPU engines: `minitron build --profile cpu-int4`)")
+        raise UserError(f"the ONNX CPU engine is built from an unquantized model in float32; pass the unquantized model and "
+                        f"{setting('export.dtype')} float32 (int4 CPU engines: `minitron build --profile cpu-int4`)")
     if format == "trtllm":
         check_trtllm_export(source_config, tp, pp, quantization, dtype)
     report = None
@@ -160,8 +142,8 @@ def export(
         else:
             network, _ = load_for_export(model_dir)
             if format == "hf":
-                export_hf(network, tmp, dtype)
-                load_tokenizer(model_dir).save_pretrained(tmp)
+                export_unified_checkpoint(network, tmp, resolve_dtype(dtype))
+                save_tokenizer(model_dir, tmp)
             else:
                 report = export_trtllm_checkpoint(network, tmp, dtype, tp, pp, source_config).to_dict()
         size = directory_bytes(tmp)
@@ -170,18 +152,21 @@ def export(
 
 
 def configure_parser(parser) -> None:
+    from toolchain.cli_args import add_recipe_source, add_section_flags
+
     parser.add_argument("model", help="model: a local Hugging Face directory, a built-in name, or a `minitron quantize` output")
-    parser.add_argument("--format", required=True, help=f"export format: {', '.join(FORMATS)}")
-    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default bfloat16; float32 for onnx)")
-    parser.add_argument("--tp", type=int, default=1, help="TensorRT-LLM tensor-parallel ranks (default 1)")
-    parser.add_argument("--pp", type=int, default=1, help="TensorRT-LLM pipeline-parallel stages (default 1)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new output is complete")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    add_recipe_source(parser)
+    add_section_flags(parser, "export")
 
 
 def command(args) -> int:
-    result = export(args.model, args.format, args.out, dtype=args.dtype, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
+    from toolchain.cli_args import sections_from_args
+
+    (settings,) = sections_from_args(args, "export")
+    result = export(args.model, args.out, settings, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0

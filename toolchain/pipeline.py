@@ -1,223 +1,310 @@
-"""`minitron run RECIPE`: the whole Minitron pipeline from one recipe, resumable stage by stage.
+"""`minitron run RECIPE`: the whole Minitron pipeline from one recipe, a thin orchestrator over stage records.
 
-teacher correction → teacher eval → per student: prune → eval → distill → quantize → export → engine
-build (from the distilled student; the profile quantizes as it says) → teacher engine + Triton benchmark of all engines → a summary table. Every stage writes its own directory atomically under the run folder, so a
-directory that exists is complete: rerunning the same command skips finished stages and resumes an
-interrupted distillation from its last checkpoint. Stages read each other's outputs from disk only.
+Each stage writes a directory holding its outputs and `stage.json`: the stage's resolved settings and
+the keys of its inputs (a teacher's checkpoint fingerprint, an upstream stage's key, the data's content
+digest). A stage's key is the hash of that record, so rerunning the command skips every stage whose
+record matches, reruns a stage whose settings or inputs changed and, through the keys, everything
+downstream of it, and nothing else. A stage works in a hidden directory beside its target and replaces
+the target only when it is complete; training stages (teacher correction, distillation) resume from
+their last checkpoint in that directory after an interruption. Stages read each other's outputs from
+disk only. Every row of the report is measured by the same eval stage, on the same rows, with the same
+settings, against the same teacher, which each process loads once.
 
 Run folder:
-    recipe.yaml                      the resolved recipe (a different recipe in the same folder is refused)
+    run.json, recipe.yaml            marks the folder as a run (another non-empty folder is refused); the latest recipe
     teacher-corrected/               teacher after LM fine-tuning (only with teacher.correction.tokens)
-    teacher-eval.json
-    students/NAME/pruned/            HF checkpoint + pruning.json + importance.safetensors + eval.json
-    students/NAME/distilled/         HF checkpoint + train_log.jsonl + eval.json
+    teacher-eval/                    metrics.json of the teacher
+    importance/                      importance.safetensors: the scores every student is pruned by, computed once
+    students/NAME/pruned/            HF checkpoint + pruning.json
+    students/NAME/pruned-eval/       metrics.json against the teacher
+    students/NAME/distilled/         HF checkpoint + train_log.jsonl
+    students/NAME/distilled-eval/    metrics.json against the teacher
     students/NAME/quantized/         ModelOpt unified checkpoint (only with quantize.format)
     students/NAME/export-FORMAT/     exported final student (only with export.format)
     students/NAME/engine/            engine directory with manifest.json (only with engine.profile)
     teacher-engine/, bench/          the teacher's engine and the Triton benchmark of all engines (bench.enabled)
-    summary.json, summary.md
+    summary.json, summary.md         rewritten by every run
 """
 
+import hashlib
 import json
 import logging
-import math
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from toolchain.data import prepare_data
-from toolchain.errors import UserError
+from toolchain import __version__
+from toolchain.data import prepare_data, source_fingerprint
+from toolchain.errors import UserError, settings_named_by
 from toolchain.evaluate import evaluate_model
-from toolchain.models import load_model, load_tokenizer, resolve_model_dir
-from toolchain.paths import atomic_write_text
-from toolchain.recipe import Recipe, StudentConfig, load_recipe
+from toolchain.models import load_config, load_frozen_model, load_model, load_tokenizer, model_fingerprint, parameter_counts, resolve_model_dir
+from toolchain.paths import atomic_write_text, check_output_location, replace_path
+from toolchain.recipe import Recipe, StudentConfig, check_recipe_inputs, load_recipe, recipe_field_namer
+from toolchain.settings import EvalConfig
 
 log = logging.getLogger(__name__)
 
+RUN_FILE = "run.json"
+STAGE_RECORD = "stage.json"
+METRICS_FILE = "metrics.json"
+INTERRUPT_HINT = "; rerun the same command to continue (finished stages are kept, training resumes from its last checkpoint)"
 
-def parameter_count(model_dir: Path) -> int:
-    """Parameters stored in a checkpoint, from the safetensors headers (no weights are read)."""
-    from safetensors import safe_open
 
-    total = 0
-    for file in Path(model_dir).glob("*.safetensors"):
-        with safe_open(file, "pt") as f:
-            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
-    return total
+def stage_key(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Run:
-    """The run folder of one recipe, and the shared teacher/data that every stage evaluates against."""
+    """The run folder of one recipe, its stage records, and the teacher and eval rows every stage shares."""
 
-    def __init__(self, recipe: Recipe, overwrite: bool = False):
-        if recipe.teacher.model is None:
-            raise UserError(f"recipe {recipe.name} has no teacher; pass --teacher PATH (a local Hugging Face directory)")
+    def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.dir = recipe.resolved_output_dir()
-        self.claim_folder(overwrite)
-        self.device = recipe.teacher.device
-        self._teacher_model = None
+        self.claim_folder()
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
         self._eval_rows = None
 
-    def claim_folder(self, overwrite: bool) -> None:
-        resolved = yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
-        recipe_file = self.dir / "recipe.yaml"
-        if recipe_file.is_file() and recipe_file.read_text() != resolved:
-            if not overwrite:
-                raise UserError(f"{self.dir} holds a run of a different recipe; choose another --out, or --overwrite to start it afresh")
-            shutil.rmtree(self.dir)
+    def claim_folder(self) -> None:
+        check_output_location(self.dir, f"the run folder {self.dir}", overwrite=True)
+        if self.dir.is_dir() and any(self.dir.iterdir()) and not (self.dir / RUN_FILE).is_file():
+            raise UserError(f"{self.dir} is not empty and holds no run of this toolchain (no {RUN_FILE}); choose another --out")
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(recipe_file, resolved)
+        atomic_write_text(self.dir / RUN_FILE, json.dumps({"toolchain": __version__, "recipe": self.recipe.name}, indent=1) + "\n")
+        atomic_write_text(self.dir / "recipe.yaml", yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
 
-    @property
-    def teacher(self) -> str:
-        corrected = self.dir / "teacher-corrected"
-        return str(corrected) if self.recipe.teacher.correction.tokens else self.recipe.teacher.model
+    def stage(self, name: str, settings: dict, inputs: dict[str, str], produce: Callable[[Path], None], resumable: bool = False) -> str:
+        """Run stage `name` (its directory under the run folder) unless its record matches; returns its key.
 
-    def teacher_model(self):
-        if self._teacher_model is None:
-            self._teacher_model = load_model(self.teacher, dtype=self.recipe.teacher.dtype, device=self.device)
-        return self._teacher_model
+        `produce(work)` writes the stage's outputs into `work`, a directory beside the target that
+        becomes the target only when complete. A resumable stage finds its own partial work there again
+        after an interruption (the directory is named by the key, so other settings start afresh).
+        """
+        target = self.dir / name
+        record = {"stage": name, "settings": settings, "inputs": inputs}
+        key = stage_key(record)
+        if (target / STAGE_RECORD).is_file() and json.loads((target / STAGE_RECORD).read_text()).get("key") == key:
+            self.skipped.append(name)
+            return key
+        work = target.parent / f".{target.name}.{key}"
+        for stale in target.parent.glob(f".{target.name}.*"):
+            if stale != work or not resumable:
+                shutil.rmtree(stale, ignore_errors=True)
+        log.info("stage %s: running", name)
+        started = time.perf_counter()
+        produce(work)
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work / STAGE_RECORD, json.dumps({**record, "key": key, "seconds": time.perf_counter() - started,
+                                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
+        replace_path(target, work)
+        self.ran.append(name)
+        return key
 
-    def eval_rows(self):
+    def seconds(self, name: str) -> float:
+        return json.loads((self.dir / name / STAGE_RECORD).read_text())["seconds"]
+
+    def eval_rows(self, teacher: str):
+        """The rows every model is measured on: the recipe's eval split, tokenized once."""
         if self._eval_rows is None:
-            data = self.recipe.data
-            packed = prepare_data(data.spec, load_tokenizer(self.teacher), data.seq_len, data.text_field, data.eval_fraction, data.calibration_fraction)
-            self._eval_rows = packed.split("eval")
+            self._eval_rows = prepare_data(self.recipe.data, load_tokenizer(teacher)).split(self.recipe.eval.split)
         return self._eval_rows
 
-    def evaluate(self, model_dir: Path, path: Path, against_teacher: bool = True) -> dict:
-        """Metrics of a checkpoint, recorded at `path`: computed once, read back on reruns."""
-        if path.is_file():
-            return json.loads(path.read_text())
-        model = load_model(model_dir, dtype=self.recipe.teacher.dtype, device=self.device)
-        metrics = evaluate_model(model, self.eval_rows(), self.recipe.eval.batch_size, self.recipe.eval.max_batches,
-                                 teacher=self.teacher_model() if against_teacher else None, description=f"eval {Path(model_dir).name}")
-        atomic_write_text(path, json.dumps(metrics, indent=2))
-        return metrics
+
+# ---------------------------------------------------------------- stages
 
 
-def correct_teacher(run: Run) -> None:
+def evaluation_stage(run: Run, name: str, model: Path, model_key: str, teacher: str, teacher_key: str, data_settings: dict,
+                     against_teacher: bool = True) -> dict:
+    """The eval of one model, the same for the teacher and every student; returns its metrics."""
+    recipe = run.recipe
+
+    def produce(work: Path) -> None:
+        compute = recipe.compute
+        frozen_teacher = load_frozen_model(teacher, dtype=compute.dtype, device=compute.device)
+        network = frozen_teacher if not against_teacher else load_model(model, dtype=compute.dtype, device=compute.device)
+        metrics = evaluate_model(network, run.eval_rows(teacher), recipe.eval, teacher=frozen_teacher if against_teacher else None,
+                                 description=f"eval {name}")
+        work.mkdir(parents=True)
+        (work / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+
+    run.stage(name, {"eval": recipe.eval.model_dump(mode="json"), "data": data_settings, "compute": recipe.compute.model_dump(mode="json")},
+              {"model": model_key, "teacher": teacher_key}, produce)
+    return json.loads((run.dir / name / METRICS_FILE).read_text())
+
+
+def teacher_stage(run: Run, data_settings: dict) -> tuple[str, str]:
+    """The teacher every student is cut from: the given one, or after teacher correction. Returns (model, key)."""
+    recipe = run.recipe
+    source = recipe.teacher.model
+    source_key = f"model:{model_fingerprint(resolve_model_dir(source))}"
+    if not recipe.teacher.correction.tokens:
+        return source, source_key
     from toolchain.finetune import finetune
+    from toolchain.training import checkpoint_dirs
+
+    correction = recipe.teacher.correction
+    training = recipe.distill.training().model_copy(update={"tokens": correction.tokens, "steps": None, "lr": correction.lr,
+                                                            "min_lr": min(recipe.distill.min_lr, correction.lr)})
+
+    def produce(work: Path) -> None:
+        with settings_named_by(recipe_field_namer(recipe, correcting_teacher=True)):
+            finetune(source, work, training, recipe.data, recipe.compute, EvalConfig(max_batches=0), resume=bool(checkpoint_dirs(work)),
+                     resume_hint=INTERRUPT_HINT.removeprefix("; "))
+
+    key = run.stage("teacher-corrected", {"training": training.model_dump(mode="json"), "data": data_settings,
+                                          "compute": recipe.compute.model_dump(mode="json")}, {"teacher": source_key}, produce, resumable=True)
+    return str(run.dir / "teacher-corrected"), key
+
+
+def importance_stage(run: Run, teacher: str, teacher_key: str, data_settings: dict) -> str | None:
+    """Importance of the teacher's units, computed once for every student (only the scores some student needs)."""
+    from toolchain.prune import IMPORTANCE_FILE, compute_importance, needed_scores
+    from toolchain.prune.shapes import ModelShape, target_shape
 
     recipe = run.recipe
-    out = run.dir / "teacher-corrected"
-    if out.is_dir():
-        return
-    log.info("teacher correction: %s tokens of LM fine-tuning", f"{recipe.teacher.correction.tokens:,}")
-    config = recipe.distill.model_copy(update={"tokens": recipe.teacher.correction.tokens, "steps": None,
-                                               "lr": recipe.teacher.correction.lr, "min_lr": min(recipe.distill.min_lr, recipe.teacher.correction.lr)})
-    finetune(recipe.teacher.model, recipe.data.spec, out, config, seq_len=recipe.data.seq_len, text_field=recipe.data.text_field,
-             dtype=recipe.teacher.dtype, device=run.device)
+    original = ModelShape.from_config(load_config(teacher))
+    names = []
+    for student in recipe.students:
+        with settings_named_by(recipe_field_namer(recipe, student)):
+            shape, explicit_drop = target_shape(original, student.prune)
+        names += [name for name in needed_scores(original, shape, student.prune, explicit_drop) if name not in names]
+    if not names:
+        return None
+    previous = run.dir / "importance" / IMPORTANCE_FILE
+
+    def produce(work: Path) -> None:
+        compute_importance(teacher, work / IMPORTANCE_FILE, names, recipe.importance, recipe.data, recipe.compute,
+                           reuse=previous if previous.is_file() else None)
+
+    return run.stage("importance", {"importance": recipe.importance.model_dump(mode="json"), "scores": names, "data": data_settings,
+                                    "compute": recipe.compute.model_dump(mode="json")}, {"teacher": teacher_key}, produce)
 
 
-def run_student(run: Run, student: StudentConfig, importance_file: Path | None) -> dict:
-    from toolchain.distill import distill
-    from toolchain.prune import prune
+def student_stages(run: Run, student: StudentConfig, teacher: str, teacher_key: str, importance_key: str | None, data_settings: dict) -> dict:
+    """prune → eval → distill → eval → quantize → export → engine for one student; returns its summary row and engine key."""
+    from toolchain.prune import IMPORTANCE_FILE, prune
 
     recipe = run.recipe
-    student_dir = run.dir / "students" / student.name
-    pruned = student_dir / "pruned"
-    if not pruned.is_dir():
-        log.info("student %s: pruning", student.name)
-        prune(run.teacher, recipe.data.spec, pruned, student.prune, importance_file=importance_file, seq_len=recipe.data.seq_len,
-              text_field=recipe.data.text_field, dtype=recipe.teacher.dtype, device=run.device)
-    row = {"name": student.name, "parameters": parameter_count(pruned), "pruned": run.evaluate(pruned, pruned / "eval.json")}
-    trained = pruned  # engines are built from it: each profile applies its own quantization
-    distill_config = recipe.student_distill(student)
-    if distill_config.tokens or distill_config.steps:
-        distilled = student_dir / "distilled"
-        record = distilled / "eval.json"  # written last by distill, with the eval against the teacher
-        if not record.is_file():
-            log.info("student %s: distilling", student.name)
-            distill(run.teacher, str(pruned), recipe.data.spec, distilled, distill_config, seq_len=recipe.data.seq_len,
-                    text_field=recipe.data.text_field, dtype=recipe.teacher.dtype, device=run.device,
-                    resume=(distilled / "checkpoints").is_dir(), eval_batches=recipe.eval.max_batches)
-        row["distilled"] = json.loads(record.read_text())["eval"]
-        trained = distilled
-    final = quantize_student(run, trained, student_dir / "quantized", row) if recipe.quantize.format != "none" else trained
+    base = f"students/{student.name}"
+    compute = recipe.compute.model_dump(mode="json")
+
+    def prune_into(work: Path) -> None:
+        importance_file = run.dir / "importance" / IMPORTANCE_FILE
+        prune(teacher, work, student.prune, recipe.importance, recipe.data, recipe.compute,
+              importance_file=importance_file if importance_key else None)
+
+    pruned_key = run.stage(f"{base}/pruned", {"prune": student.prune.model_dump(mode="json"), "importance": recipe.importance.model_dump(mode="json"),
+                                              "data": data_settings, "compute": compute},
+                           {"teacher": teacher_key, "importance": importance_key or "none"}, prune_into)
+    pruned = run.dir / base / "pruned"
+    row = {"name": student.name, "parameters": parameter_counts(load_config(pruned))["total"],
+           "pruned": evaluation_stage(run, f"{base}/pruned-eval", pruned, pruned_key, teacher, teacher_key, data_settings)}
+    trained, trained_key = pruned, pruned_key
+    settings = recipe.student_distill(student)
+    if settings.tokens or settings.steps:
+        from toolchain.distill import distill
+        from toolchain.training import checkpoint_dirs
+
+        def distill_into(work: Path) -> None:
+            distill(teacher, str(pruned), work, settings, recipe.data, recipe.compute, EvalConfig(max_batches=0),
+                    resume=bool(checkpoint_dirs(work)), resume_hint=INTERRUPT_HINT.removeprefix("; "))
+
+        trained_key = run.stage(f"{base}/distilled", {"distill": settings.model_dump(mode="json"), "data": data_settings, "compute": compute},
+                                {"teacher": teacher_key, "student": pruned_key}, distill_into, resumable=True)
+        trained = run.dir / base / "distilled"
+        row["distilled"] = evaluation_stage(run, f"{base}/distilled-eval", trained, trained_key, teacher, teacher_key, data_settings)
+        row["distill_seconds"] = run.seconds(f"{base}/distilled")
+    final, final_key = trained, trained_key
+    if recipe.quantize.format != "none":
+        from toolchain.quantize import REPORT_FILE, quantize
+
+        final_key = run.stage(f"{base}/quantized", {"quantize": recipe.quantize.model_dump(mode="json"), "eval": recipe.eval.model_dump(mode="json"),
+                                                    "data": data_settings, "compute": compute}, {"model": trained_key},
+                              lambda work: quantize(str(trained), work, recipe.quantize, recipe.data, recipe.compute, recipe.eval))
+        final = run.dir / base / "quantized"
+        row["quantized"] = json.loads((final / REPORT_FILE).read_text())
     if recipe.export.format != "none":
         from toolchain.export import export
 
-        exported = student_dir / f"export-{recipe.export.format}"
-        if not exported.is_dir():
-            log.info("student %s: exporting %s", student.name, recipe.export.format)
-            export(str(final), recipe.export.format, exported, recipe.export.dtype, recipe.export.tp, recipe.export.pp)
-        row["export"] = str(exported)
+        exported = f"{base}/export-{recipe.export.format}"
+        run.stage(exported, {"export": recipe.export.model_dump(mode="json")}, {"model": final_key},
+                  lambda work: export(str(final), work, recipe.export))
+        row["export"] = str(run.dir / exported)
     if recipe.engine.profile:
-        from toolchain.build import build
-
-        engine = student_dir / "engine"
-        if not engine.is_dir():
-            log.info("student %s: building engine %s", student.name, recipe.engine.profile)
-            build(recipe.engine.profile, str(trained), engine, data=recipe.data.spec, seq_len=recipe.data.seq_len)
-        row["engine"] = str(engine)
+        row["engine_key"] = engine_stage(run, f"{base}/engine", trained, trained_key, data_settings)
+        row["engine"] = str(run.dir / base / "engine")
     row["checkpoint"] = str(final)
     return row
 
 
-def benchmark_engines(run: Run, student_engines: dict[str, str]) -> dict | None:
-    """Teacher engine (same profile) first, then the students', through Triton; None where engines cannot run here."""
-    from toolchain.bench import bench
+def engine_stage(run: Run, name: str, model: Path | str, model_key: str, data_settings: dict) -> str:
+    """The engine the recipe's profile describes, built from an unquantized model (the profile quantizes as it says)."""
     from toolchain.build import build
     from toolchain.engine_profile import load_profile
 
     recipe = run.recipe
-    if load_profile(recipe.engine.profile).backend != "onnxruntime-genai":
-        log.info("engines of profile %s run on a GPU machine only: serve them there and run `minitron bench HOST:PORT`", recipe.engine.profile)
-        return None
-    teacher_engine = run.dir / "teacher-engine"
-    if not teacher_engine.is_dir():
-        log.info("building the teacher's engine %s for the benchmark", recipe.engine.profile)
-        build(recipe.engine.profile, run.teacher, teacher_engine, data=recipe.data.spec, seq_len=recipe.data.seq_len)
-    record = run.dir / "bench" / "bench.json"
-    if record.is_file():
-        return json.loads(record.read_text())
-    b = recipe.bench
-    return bench([str(teacher_engine), *student_engines.values()], labels=["teacher", *student_engines], data=recipe.data.spec,
-                 input_len=b.input_len, output_len=b.output_len,
-                 concurrency=b.concurrency, requests=b.requests, threads=b.threads, max_batch_size=recipe.serve.max_batch_size,
-                 out=run.dir / "bench")
+    profile = load_profile(recipe.engine.profile, recipe.engine.overrides)
+    return run.stage(name, {"engine": profile.model_dump(mode="json"), "data": data_settings}, {"model": model_key},
+                     lambda work: build(profile, str(model), work, recipe.data))
 
 
-def quantize_student(run: Run, model_dir: Path, out: Path, row: dict) -> Path:
-    """ModelOpt quantization of the final student; its perplexity before/after goes into the summary row."""
-    from toolchain.quantize import REPORT_FILE, quantize
+def bench_stage(run: Run, teacher: str, teacher_key: str, students: list[dict], data_settings: dict) -> dict | None:
+    """The teacher's engine (same profile) first, then the students', through Triton; None where the engines cannot be served here."""
+    from toolchain.backends import backend_of
+    from toolchain.bench import BENCH_FILE, bench
+    from toolchain.engine_profile import load_profile
 
     recipe = run.recipe
-    if not out.is_dir():
-        log.info("%s: quantizing to %s", model_dir, recipe.quantize.format)
-        quantize(str(model_dir), recipe.quantize.format, out, recipe.data.spec, recipe.quantize.calibration_samples, recipe.data.seq_len,
-                 recipe.data.text_field, recipe.quantize.kv_cache, recipe.eval.max_batches, recipe.eval.batch_size, device=run.device)
-    row["quantized"] = json.loads((out / REPORT_FILE).read_text())
-    return out
+    profile = load_profile(recipe.engine.profile, recipe.engine.overrides)
+    reason = backend_of(profile.backend).unavailable_reason()
+    if reason is not None:
+        log.info("the %s engines are not benchmarked here (%s): serve them there and run `minitron bench HOST:PORT`", profile.backend, reason)
+        return None
+    teacher_engine_key = engine_stage(run, "teacher-engine", teacher, teacher_key, data_settings)
+    engines = {"teacher": str(run.dir / "teacher-engine"), **{student["name"]: student["engine"] for student in students}}
+    keys = {"teacher": teacher_engine_key, **{student["name"]: student["engine_key"] for student in students}}
+    run.stage("bench", {"bench": recipe.bench.model_dump(mode="json"), "serve": recipe.serve.model_dump(mode="json"), "data": data_settings,
+                        "labels": list(engines)}, keys,
+              lambda work: bench(list(engines.values()), recipe.bench, recipe.data, recipe.serve, labels=list(engines), out=work))
+    return json.loads((run.dir / "bench" / BENCH_FILE).read_text())
 
 
-def run_pipeline(recipe: Recipe, overwrite: bool = False) -> dict:
-    """Run every stage of the recipe that has not finished yet; returns the summary."""
-    run = Run(recipe, overwrite)
-    if recipe.teacher.correction.tokens:
-        correct_teacher(run)
-    teacher_dir = resolve_model_dir(run.teacher)
-    summary = {"recipe": recipe.name, "run_dir": str(run.dir), "teacher": {"model": run.teacher, "parameters": parameter_count(teacher_dir),
-                                                                         "eval": run.evaluate(teacher_dir, run.dir / "teacher-eval.json", False)}}
-    summary["students"] = []
-    importance_file = None
+def run_pipeline(recipe: Recipe) -> dict:
+    """Run every stage of the recipe whose record does not match; returns the summary."""
+    check_recipe_inputs(recipe)
+    run = Run(recipe)
+    started = time.perf_counter()
+    data_settings = {**recipe.data.model_dump(mode="json"), "content": source_fingerprint(recipe.data.spec, recipe.data.text_field)}
+    with settings_named_by(recipe_field_namer(recipe)):
+        teacher, teacher_key = teacher_stage(run, data_settings)
+        teacher_eval = evaluation_stage(run, "teacher-eval", Path(teacher), teacher_key, teacher, teacher_key, data_settings, against_teacher=False)
+        importance_key = importance_stage(run, teacher, teacher_key, data_settings)
+    students = []
     for student in recipe.students:
-        summary["students"].append(run_student(run, student, importance_file))
-        importance_file = run.dir / "students" / student.name / "pruned" / "importance.safetensors"
-    engines = {student["name"]: student["engine"] for student in summary["students"] if "engine" in student}
-    if engines and recipe.bench.enabled:
-        summary["bench"] = benchmark_engines(run, engines)
+        with settings_named_by(recipe_field_namer(recipe, student)):
+            students.append(student_stages(run, student, teacher, teacher_key, importance_key, data_settings))
+    summary = {"recipe": recipe.name, "run_dir": str(run.dir),
+               "eval": {"data": recipe.data.spec, "split": recipe.eval.split, "seq_len": recipe.data.seq_len, **recipe.eval.model_dump(mode="json")},
+               "teacher": {"model": teacher, "parameters": parameter_counts(load_config(teacher))["total"], "eval": teacher_eval},
+               "students": [{key: value for key, value in student.items() if key != "engine_key"} for student in students]}
+    if recipe.engine.profile and recipe.bench.enabled and students:
+        with settings_named_by(recipe_field_namer(recipe)):
+            summary["bench"] = bench_stage(run, teacher, teacher_key, students, data_settings)
+    summary["stages"] = {"ran": run.ran, "skipped": run.skipped, "seconds": time.perf_counter() - started}
     atomic_write_text(run.dir / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(run.dir / "summary.md", format_summary(summary))
     return summary
 
 
 def format_summary(summary: dict) -> str:
-    teacher = summary["teacher"]
-    lines = [f"# {summary['recipe']}", "", f"Run folder: `{summary['run_dir']}`; eval split of the recipe's data.", "",
+    teacher, evaluation = summary["teacher"], summary["eval"]
+    max_batches = "all" if evaluation["max_batches"] is None else evaluation["max_batches"]
+    lines = [f"# {summary['recipe']}", "", f"Run folder: `{summary['run_dir']}`. Every row is measured on the same rows: the {evaluation['split']} "
+             f"split of `{evaluation['data']}`, sequences of {evaluation['seq_len']} tokens, batch {evaluation['batch_size']}, "
+             f"{max_batches} batches.", "",
              "| model | parameters | perplexity | KL(teacher‖model) | top-1 agreement |", "|---|---|---|---|---|",
              f"| teacher | {teacher['parameters'] / 1e6:.1f}M | {teacher['eval']['perplexity']:.2f} | – | – |"]
     for student in summary["students"]:
@@ -233,20 +320,21 @@ def format_summary(summary: dict) -> str:
         from toolchain.bench import format_bench
 
         lines += ["", "Serving benchmark (first row: the teacher's engine):", "", format_bench(summary["bench"])]
+    stages = summary["stages"]
+    lines += ["", f"This run: {len(stages['ran'])} stages ran, {len(stages['skipped'])} were already done, {stages['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
 def configure_parser(parser) -> None:
     from toolchain.cli_args import add_recipe_override_arguments
 
-    parser.add_argument("recipe", help="a recipe YAML path or a built-in recipe name (see `minitron validate --help`)")
+    parser.add_argument("recipe", help="a recipe YAML path or a built-in recipe name (`minitron recipes`)")
     add_recipe_override_arguments(parser)
-    parser.add_argument("--overwrite", action="store_true", help="discard an existing run of a different recipe in the output folder")
 
 
 def command(args) -> int:
     from toolchain.cli_args import recipe_overrides
 
-    summary = run_pipeline(load_recipe(args.recipe, recipe_overrides(args)), overwrite=args.overwrite)
+    summary = run_pipeline(load_recipe(args.recipe, recipe_overrides(args)))
     print(format_summary(summary))
     return 0

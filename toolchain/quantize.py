@@ -25,23 +25,21 @@ import json
 import logging
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from toolchain.cli_args import add_data_arguments
 from toolchain.data import check_seq_len, iterate_batches, prepare_data
-from toolchain.errors import UserError
+from toolchain.errors import UserError, setting
 from toolchain.evaluate import evaluate_model
-from toolchain.models import load_model, load_tokenizer, model_fingerprint, read_config, resolve_dtype, resolve_model_dir
-from toolchain.paths import atomic_output_dir
+from toolchain.modelopt_compat import modelopt
+from toolchain.models import head_dim, load_model, load_tokenizer, model_fingerprint, read_config, resolve_dtype, resolve_model_dir, save_tokenizer
+from toolchain.paths import atomic_output_dir, check_output_location, directory_bytes
 from toolchain.progress import progress_bar
+from toolchain.settings import ComputeConfig, DataConfig, EvalConfig, QuantizeConfig
 
 log = logging.getLogger(__name__)
-# ModelOpt 0.47 warns on import that transformers 5.x is untested; quantization and export were checked here (REFERENCE §2).
-warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt", category=UserWarning)
 
 FORMATS = ("fp8", "int8_sq", "int4_awq")
 KV_CACHE_FORMATS = ("none", "fp8")
@@ -60,8 +58,8 @@ class QuantizeResult:
     out: str
     calibration_samples: int
     eval_tokens: int
-    perplexity_before: float
-    perplexity_after: float
+    perplexity_before: float | None
+    perplexity_after: float | None
     checkpoint_bytes: int
     seconds: float
 
@@ -78,8 +76,7 @@ def check_format(format: str, kv_cache: str = "none") -> None:
 
 def modelopt_config(format: str, kv_cache: str = "none") -> dict:
     """The ModelOpt quantization config of a format, with the FP8 KV-cache quantizers added if asked."""
-    import modelopt.torch.quantization as mtq
-
+    mtq = modelopt("quantization")
     check_format(format, kv_cache)
     base = {"fp8": mtq.FP8_DEFAULT_CFG, "int8_sq": mtq.INT8_SMOOTHQUANT_CFG, "int4_awq": mtq.INT4_AWQ_CFG}[format]
     config = copy.deepcopy(base)
@@ -95,10 +92,9 @@ def modelopt_config(format: str, kv_cache: str = "none") -> dict:
 
 def linear_in_features(config: dict) -> dict[str, int]:
     """in_features of each Linear of a decoder layer of a Llama-family config (every layer has the same shapes)."""
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     hidden = config["hidden_size"]
     return {"self_attn.q_proj": hidden, "self_attn.k_proj": hidden, "self_attn.v_proj": hidden,
-            "self_attn.o_proj": config["num_attention_heads"] * head_dim,
+            "self_attn.o_proj": config["num_attention_heads"] * head_dim(config),
             "mlp.gate_proj": hidden, "mlp.up_proj": hidden, "mlp.down_proj": config["intermediate_size"]}
 
 
@@ -128,8 +124,7 @@ def calibration_rows(packed, samples: int):
 
 def quantize_model(model, format: str, rows, kv_cache: str = "none", batch_size: int = 4):
     """Insert ModelOpt quantizers into `model` and calibrate them on `rows` (int32 token rows), in place."""
-    import modelopt.torch.quantization as mtq
-
+    mtq = modelopt("quantization")
     device = next(model.parameters()).device
 
     def forward_loop(quantized):
@@ -152,9 +147,9 @@ def quantized_format(model_dir: Path) -> str:
 
 def save_restorable(model, directory: Path) -> None:
     """Save what `load_quantized_model` needs: ModelOpt's state (configs) and the fake-quant weights + scales."""
-    import modelopt.torch.opt as mto
     from safetensors.torch import save_model
 
+    mto = modelopt("opt")
     directory.mkdir(parents=True)
     torch.save(mto.modelopt_state(model), directory / "modelopt_state.pth")
     save_model(model, str(directory / "model.safetensors"))
@@ -163,107 +158,89 @@ def save_restorable(model, directory: Path) -> None:
 
 def load_quantized_model(model_dir: str | Path):
     """Rebuild the fake-quantized torch model from a `minitron quantize` directory (float32, CPU)."""
-    import modelopt.torch.opt as mto
-    from modelopt.torch.utils import safe_load
     from safetensors.torch import load_model as load_safetensors_into
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    mto = modelopt("opt")
     restore = Path(model_dir) / RESTORE_DIR
     config = AutoConfig.from_pretrained(restore, trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model = mto.restore_from_modelopt_state(model, modelopt_state=safe_load(restore / "modelopt_state.pth", weights_only=True))
+    model = mto.restore_from_modelopt_state(model, modelopt_state=modelopt("utils").safe_load(restore / "modelopt_state.pth", weights_only=True))
     load_safetensors_into(model, str(restore / "model.safetensors"))
     return model.eval()
 
 
 def export_unified_checkpoint(model, out: Path, dtype: torch.dtype) -> None:
     """ModelOpt's HF unified export; the model is cast first because the exporter keeps float32 weights float32."""
-    from modelopt.torch.export import export_hf_checkpoint
-
-    export_hf_checkpoint(model.to(dtype), dtype=dtype, export_dir=out)
+    modelopt("export").export_hf_checkpoint(model.to(dtype), dtype=dtype, export_dir=out)
 
 
-def checkpoint_bytes(directory: Path) -> int:
-    """Bytes of the deployable checkpoint: the safetensors files at the top level (not the modelopt/ restore copy)."""
-    return sum(path.stat().st_size for path in Path(directory).glob("*.safetensors"))
-
-
-def quantize(
-    model: str,
-    format: str,
-    out: str | Path,
-    data: str = "builtin:python-docs",
-    calibration_samples: int = 128,
-    seq_len: int = 256,
-    text_field: str = "text",
-    kv_cache: str = "none",
-    eval_batches: int | None = 8,
-    batch_size: int = 8,
-    dtype: str = "float32",
-    device: str = "cpu",
-    overwrite: bool = False,
-) -> QuantizeResult:
+def quantize(model: str, out: str | Path, settings: QuantizeConfig, data: DataConfig, compute: ComputeConfig, evaluation: EvalConfig,
+             overwrite: bool = False) -> QuantizeResult:
     """Quantize `model` with ModelOpt, calibrated on `data`'s calibration split; write a unified HF checkpoint to `out`.
 
-    Reports eval perplexity (first `eval_batches` batches of the eval split) before and after.
+    Reports eval perplexity before and after on `evaluation`'s batches of the eval split (none with max_batches 0).
+    Quantization runs in float32 (the simulated numerics); `compute.device` says where.
     """
     started = time.perf_counter()
-    check_format(format, kv_cache)
-    export_dtype = resolve_dtype(dtype)
-    if calibration_samples <= 0:
-        raise UserError(f"calibration_samples must be positive, got {calibration_samples}")
+    if settings.format == "none":
+        raise UserError(f"choose a quantization format: {setting('quantize.format')} fp8, int8_sq or int4_awq")
+    check_format(settings.format, settings.kv_cache)
+    check_output_location(Path(out), overwrite=overwrite)
     model_dir = resolve_model_dir(model)
     if is_quantized_checkpoint(model_dir):
         raise UserError(f"{model_dir} is already quantized ({quantized_format(model_dir)}); quantize the unquantized model instead")
-    check_quantizable(read_config(model_dir), format)
+    check_quantizable(read_config(model_dir), settings.format)
     with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
         tokenizer = load_tokenizer(model_dir)
-        network = load_model(model_dir, dtype="float32", device=device)
-        check_seq_len(seq_len, network.config)
-        packed = prepare_data(data, tokenizer, seq_len, text_field=text_field)
-        eval_rows = packed.split("eval")
-        before = evaluate_model(network, eval_rows, batch_size, eval_batches, description="eval before")
-        rows = calibration_rows(packed, calibration_samples)
-        log.info("calibrating %s on %d sequences of %d tokens", format, len(rows), seq_len)
-        network = quantize_model(network, format, rows, kv_cache)
-        after = evaluate_model(network, eval_rows, batch_size, eval_batches, description="eval after")
+        network = load_model(model_dir, dtype="float32", device=compute.device)
+        check_seq_len(data.seq_len, network.config)
+        packed = prepare_data(data, tokenizer)
+        evaluating = evaluation.max_batches != 0
+        before = evaluate_model(network, packed.split("eval"), evaluation, description="eval before") if evaluating else None
+        rows = calibration_rows(packed, settings.calibration_samples)
+        log.info("calibrating %s on %d sequences of %d tokens", settings.format, len(rows), data.seq_len)
+        network = quantize_model(network, settings.format, rows, settings.kv_cache)
+        after = evaluate_model(network, packed.split("eval"), evaluation, description="eval after") if evaluating else None
         save_restorable(network, tmp / RESTORE_DIR)
-        export_unified_checkpoint(network, tmp, export_dtype)
-        tokenizer.save_pretrained(tmp)
+        export_unified_checkpoint(network, tmp, resolve_dtype(settings.checkpoint_dtype))
+        save_tokenizer(model_dir, tmp)
         result = QuantizeResult(
-            model=str(model), format=format, kv_cache=kv_cache, out=str(out), calibration_samples=len(rows),
-            eval_tokens=after["tokens"], perplexity_before=before["perplexity"], perplexity_after=after["perplexity"],
-            checkpoint_bytes=checkpoint_bytes(tmp), seconds=time.perf_counter() - started)
-        report = dict(result.to_dict(), source_fingerprint=model_fingerprint(model_dir), data=data, seq_len=seq_len, dtype=dtype)
+            model=str(model), format=settings.format, kv_cache=settings.kv_cache, out=str(out), calibration_samples=len(rows),
+            eval_tokens=after["tokens"] if after else 0, perplexity_before=before["perplexity"] if before else None,
+            perplexity_after=after["perplexity"] if after else None, checkpoint_bytes=directory_bytes(tmp, "*.safetensors"),
+            seconds=time.perf_counter() - started)
+        report = dict(result.to_dict(), source_fingerprint=model_fingerprint(model_dir), data=data.spec, seq_len=data.seq_len,
+                      dtype=settings.checkpoint_dtype)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return result
 
 
 def configure_parser(parser) -> None:
+    from toolchain.cli_args import add_recipe_source, add_section_flags
+
     parser.add_argument("model", help="model to quantize: a local Hugging Face directory or a built-in name")
-    parser.add_argument("--format", required=True, help=f"quantization format: {', '.join(FORMATS)}")
-    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    add_data_arguments(parser)
-    parser.add_argument("--calibration-samples", type=int, default=128, help="calibration sequences (default 128)")
-    parser.add_argument("--kv-cache", default="none", help="also quantize the KV cache: none (default) or fp8")
-    parser.add_argument("--eval-batches", type=int, default=8, help="eval batches for the before/after perplexity (default 8)")
-    parser.add_argument("--batch-size", type=int, default=8, help="eval batch size (default 8)")
-    parser.add_argument("--dtype", default="float32", help="dtype of the unquantized weights in the checkpoint: float32 (default), bfloat16, float16")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new output is complete")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    add_recipe_source(parser)
+    for section in ("quantize", "data", "compute", "eval"):
+        add_section_flags(parser, section)
 
 
 def command(args) -> int:
-    result = quantize(args.model, args.format, args.out, data=args.data, calibration_samples=args.calibration_samples,
-                      seq_len=args.seq_len, text_field=args.text_field, kv_cache=args.kv_cache, eval_batches=args.eval_batches,
-                      batch_size=args.batch_size, dtype=args.dtype, device=args.device, overwrite=args.overwrite)
+    from toolchain.cli_args import sections_from_args
+
+    settings, data, compute, evaluation = sections_from_args(args, "quantize", "data", "compute", "eval")
+    result = quantize(args.model, args.out, settings, data, compute, evaluation, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
-    change = result.perplexity_after / result.perplexity_before - 1
-    print(f"quantized {result.model} to {result.format} (kv cache {result.kv_cache}) -> {result.out}\n"
-          f"  calibration: {result.calibration_samples} sequences\n"
-          f"  eval perplexity: {result.perplexity_before:.3f} -> {result.perplexity_after:.3f} ({change:+.1%}, {result.eval_tokens} tokens)\n"
-          f"  checkpoint: {result.checkpoint_bytes / 1e6:.1f} MB in {result.seconds:.0f} s")
+    lines = [f"quantized {result.model} to {result.format} (kv cache {result.kv_cache}) -> {result.out}",
+             f"  calibration: {result.calibration_samples} sequences"]
+    if result.perplexity_before is not None:
+        change = result.perplexity_after / result.perplexity_before - 1
+        lines.append(f"  eval perplexity: {result.perplexity_before:.3f} -> {result.perplexity_after:.3f} ({change:+.1%}, {result.eval_tokens} tokens)")
+    lines.append(f"  checkpoint: {result.checkpoint_bytes / 1e6:.1f} MB in {result.seconds:.0f} s")
+    print("\n".join(lines))
     return 0

@@ -3,8 +3,10 @@
 What it adds to torch and transformers: a token or step budget turned into optimizer steps over a
 global batch (gradient accumulation and torchrun DDP/FSDP with deterministic per-rank shards), and
 runs that survive being killed: an output directory that remembers its configuration, atomic
-checkpoints (student, optimizer, scheduler, RNG states, data position) every N steps, `--resume`,
-Ctrl-C that checkpoints before exiting, and `train_log.jsonl`. Losses are the stage's business: a
+checkpoints (student, optimizer, scheduler, RNG states, data position) every N steps, `--resume` from
+the newest intact one, Ctrl-C that checkpoints before exiting, `--overwrite` that replaces an old
+run only once the new one is complete, and `train_log.jsonl`. Optimizer (AdamW or SGD) and schedule
+(warm-up, then cosine, linear or constant decay to min_lr) come from the settings. Losses are the stage's business: a
 stage hands over a `TrainingTask` whose `compute_loss` returns the loss to backpropagate and its parts.
 
 Layout of a run directory (`--out`):
@@ -28,22 +30,23 @@ import shutil
 import signal
 import threading
 import time
-import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from toolchain.data import iterate_batches, shard_rows
 from toolchain.distributed import Distributed
-from toolchain.errors import UserError
-from toolchain.paths import atomic_write_text
+from toolchain.errors import UserError, setting
+from toolchain.modelopt_compat import expected_modelopt_warnings
+from toolchain.models import check_safetensors
+from toolchain.paths import atomic_write_text, check_output_location, replace_path
 from toolchain.progress import progress_bar
-from toolchain.recipe import TrainingConfig
+from toolchain.settings import TrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +64,15 @@ class TrainingTask:
     `compute_loss(wrapped_model, input_ids)` returns a dict whose "loss" is backpropagated; its other
     entries are logged. `wrapped_model` is `model` after DDP/FSDP wrapping; call it for the forward.
     `frozen` lists submodules (the teacher) that FSDP shards as their own units.
+    `foreign_state_key` marks state-dict keys a resumed checkpoint need not hold (e.g. a frozen teacher).
     """
 
     model: nn.Module
     compute_loss: Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
     student_config: object
     frozen: list[nn.Module] = field(default_factory=list)
+    foreign_state_key: Callable[[str], bool] = lambda key: False
+    """True for keys of `model.state_dict()` that are not the student's (a wrapper's frozen teacher): not checkpointed state."""
 
 
 @dataclass
@@ -87,17 +93,18 @@ class TrainingPlan:
 def plan_training(config: TrainingConfig, train_rows: int, seq_len: int, world_size: int) -> TrainingPlan:
     """Check the budget and batch shape against the data and the number of ranks."""
     if config.tokens is None and config.steps is None:
-        raise UserError("no training budget; pass --tokens N or --steps N")
+        raise UserError(f"no training budget; set {setting('training.tokens')} N or {setting('training.steps')} N")
     global_batch = config.global_batch_size
     if global_batch % world_size:
-        raise UserError(f"global batch {global_batch} does not split over {world_size} ranks; use a multiple of {world_size}")
+        raise UserError(f"global batch {global_batch} does not split over {world_size} ranks; make {setting('training.global_batch_size')} a multiple of {world_size}")
     per_rank = global_batch // world_size
     micro = min(config.micro_batch_size, per_rank)
     if per_rank % micro:
-        raise UserError(f"{per_rank} sequences per rank are not a multiple of the micro batch {micro}; change --micro-batch-size or --global-batch-size")
+        raise UserError(f"{per_rank} sequences per rank are not a multiple of the micro batch {micro}; change "
+                        f"{setting('training.micro_batch_size')} or {setting('training.global_batch_size')}")
     if train_rows < global_batch:
         raise UserError(f"the train split holds {train_rows} sequences of {seq_len} tokens, fewer than one global batch of {global_batch}; "
-                        "add data, lower --global-batch-size or lower --seq-len")
+                        f"add data, lower {setting('training.global_batch_size')} or lower {setting('data.seq_len')}")
     steps = config.steps if config.steps is not None else math.ceil(config.tokens / (global_batch * seq_len))
     return TrainingPlan(steps, global_batch, micro, per_rank // micro, seq_len)
 
@@ -128,23 +135,39 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(path for path in directory.iterdir() if path.is_dir() and path.name.startswith("step-") and (path / "trainer.pt").is_file())
 
 
-def open_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool) -> Path | None:
-    """Check `out` against this run and say which checkpoint to resume from; writes nothing.
+def working_dir(out: Path, overwrite: bool) -> Path:
+    """Where a run trains: `out`, or with --overwrite of an existing output a directory beside it that
+    replaces `out` only when the new run is complete (`publish_run_dir`), so a failed or interrupted
+    overwrite loses nothing."""
+    out = Path(out)
+    check_output_location(out, overwrite=True)
+    if overwrite and out.is_dir() and any(out.iterdir()):
+        return out.parent / f".{out.name}.overwrite"
+    return out
 
-    An existing run with the same identity and no checkpoint simply starts again (nothing to lose).
+
+def publish_run_dir(out: Path, work: Path, runtime: Distributed) -> None:
+    """Put a completed overwrite run in place of the old output (rank 0; all ranks wait)."""
+    if Path(work) != Path(out) and runtime.is_main:
+        replace_path(Path(out), Path(work))
+    runtime.barrier()
+
+
+def open_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool) -> list[Path]:
+    """Check the run directory against this run; returns the checkpoints to resume from, newest first (none: start afresh).
+
+    Writes nothing. An existing run with the same identity and no checkpoint simply starts again (nothing to lose).
     """
     out = Path(out)
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")
-    existing = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    existing = out.is_dir() and any(out.iterdir())
     if not existing:
         if resume:
             raise UserError(f"--resume: {out} holds no run to resume; start without --resume")
-        return None
+        return []
     if overwrite:
-        return None
-    if not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a directory")
+        return []
     previous = None
     if (out / RUN_FILE).is_file():
         try:
@@ -160,23 +183,21 @@ def open_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool) -> Pa
     checkpoints = checkpoint_dirs(out)
     if differing:
         raise UserError(f"{out} holds a run with a different configuration ({', '.join(differing)} differ); "
-                        "choose another --out or pass --overwrite to start over")
+                        "choose another --out or pass --overwrite to replace it once the new run is complete")
     if resume:
         if not checkpoints:
             raise UserError(f"--resume: {out} has no checkpoint yet; start again without --resume")
-        return checkpoints[-1]
+        return checkpoints[::-1]
     if checkpoints:
         raise UserError(f"{out} holds this run with checkpoints up to {checkpoints[-1].name}; pass --resume to continue it or --overwrite to start over")
-    return None
+    return []
 
 
-def start_run_dir(out: Path, identity: dict, resume_from: Path | None, overwrite: bool) -> None:
+def start_run_dir(out: Path, identity: dict, resume_from: Path | None) -> None:
     """Create or reset the run directory (rank 0): run.json, and a train log cut back to the resumed step."""
     out = Path(out)
-    if resume_from is None and out.is_dir():  # open_run_dir allowed starting over: an --overwrite or a run without checkpoints
+    if resume_from is None and out.is_dir():  # open_run_dir allowed starting over: a fresh overwrite dir or a run without checkpoints
         shutil.rmtree(out)
-    elif resume_from is None and out.exists():
-        out.unlink()
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".checkpoint-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -188,6 +209,21 @@ def start_run_dir(out: Path, identity: dict, resume_from: Path | None, overwrite
         step = torch.load(resume_from / "trainer.pt", weights_only=True)["step"]
         kept = [line for line in log_file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         atomic_write_text(log_file, "".join(line + "\n" for line in kept))
+
+
+def checkpoint_is_intact(checkpoint: Path, world_size: int) -> bool:
+    """Whether every file of a checkpoint is present and whole (safetensors header against its size, torch zip directories)."""
+    files = [checkpoint / "student" / "model.safetensors", checkpoint / "optimizer.pt", checkpoint / "trainer.pt",
+             *(checkpoint / f"rng-rank{rank}.pt" for rank in range(world_size))]
+    if not all(path.is_file() for path in files):
+        return False
+    try:
+        check_safetensors(files[0])
+        for path in files[1:]:
+            zipfile.ZipFile(path).close()  # torch.save writes a zip archive; a truncated one has no readable directory
+    except (UserError, zipfile.BadZipFile, OSError):
+        return False
+    return True
 
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -239,19 +275,21 @@ def save_checkpoint(out: Path, step: int, tokens: int, model: nn.Module, optimiz
     return final
 
 
-def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer, scheduler, runtime: Distributed) -> tuple[int, int]:
+def load_checkpoint(checkpoint: Path, task: TrainingTask, optimizer, scheduler, runtime: Distributed) -> tuple[int, int]:
     """Restore student, optimizer, scheduler and this rank's RNG state; returns (step, tokens)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     broadcast = runtime.world_size > 1
+    model = task.model
     model_state = load_file(checkpoint / "student" / "model.safetensors") if runtime.is_main or not broadcast else {}
     optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True) if runtime.is_main or not broadcast else {}
-    # strict=False: torch adds the frozen teacher's own tensors to what it loads and ModelOpt then hides them as unexpected.
+    # strict=False, then our own check: what is not the student's (the task says which keys) may be absent or extra.
     incompatible = set_model_state_dict(model, model_state, options=state_dict_options(broadcast_from_rank0=broadcast, strict=False))
-    unexpected = [key for key in incompatible.unexpected_keys if not key.startswith("_teacher_model.")]
-    if incompatible.missing_keys or unexpected:
-        raise UserError(f"checkpoint {checkpoint} does not fit the student (missing {incompatible.missing_keys[:3]}, unexpected {unexpected[:3]}); "
+    missing = [key for key in incompatible.missing_keys if not task.foreign_state_key(key)]
+    unexpected = [key for key in incompatible.unexpected_keys if not task.foreign_state_key(key)]
+    if missing or unexpected:
+        raise UserError(f"checkpoint {checkpoint} does not fit the student (missing {missing[:3]}, unexpected {unexpected[:3]}); "
                         "start over with --overwrite")
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=state_dict_options(broadcast_from_rank0=broadcast))
     trainer = torch.load(checkpoint / "trainer.pt", weights_only=True)
@@ -289,6 +327,30 @@ def wrap_for_distributed(task: TrainingTask, config: TrainingConfig, runtime: Di
         fully_shard(frozen, mp_policy=policy)
     fully_shard(task.model, mp_policy=policy)
     return task.model
+
+
+def build_optimizer(parameters: list, config: TrainingConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, betas=tuple(config.adam_betas))
+
+
+def lr_factor(step: int, total_steps: int, warmup: int, config: TrainingConfig) -> float:
+    """Learning rate of `step` as a share of the peak: linear warm-up, then the schedule's decay to min_lr over the rest of the run."""
+    if step < warmup:
+        return step / warmup  # transformers' convention: the first step of a warm-up runs at lr 0
+    floor = config.min_lr / config.lr
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if config.schedule == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if config.schedule == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig, total_steps: int):
+    warmup = config.warmup_for(total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup, config))
 
 
 def use_autocast(config: TrainingConfig, device: torch.device) -> bool:
@@ -338,29 +400,35 @@ class TrainingResult:
 
 
 def train(task: TrainingTask, rows: np.ndarray, config: TrainingConfig, out: Path, identity: dict, runtime: Distributed,
-          resume: bool = False, overwrite: bool = False, description: str = "train") -> TrainingResult:
-    """Run the budget from scratch or from the newest checkpoint; returns the (unwrapped) trained model.
+          resume: bool = False, overwrite: bool = False, description: str = "train", resume_hint: str = "continue with --resume") -> TrainingResult:
+    """Run the budget from scratch or from the newest intact checkpoint; returns the (unwrapped) trained model.
 
-    Raises KeyboardInterrupt after writing a checkpoint when asked to stop.
+    `out` is the directory the run trains in (see `working_dir`). Raises KeyboardInterrupt after
+    writing a checkpoint when asked to stop; `resume_hint` tells the user how to continue.
     """
     out = Path(out)
     plan = plan_training(config, len(rows), rows.shape[1], runtime.world_size)
-    resume_from = open_run_dir(out, identity, resume, overwrite)
+    checkpoints = open_run_dir(out, identity, resume, overwrite)
+    intact = [checkpoint for checkpoint in checkpoints if checkpoint_is_intact(checkpoint, runtime.world_size)]
+    if checkpoints and not intact:
+        raise UserError(f"no intact checkpoint in {out / CHECKPOINTS} (the files of {', '.join(c.name for c in checkpoints)} are damaged); "
+                        "start over with --overwrite")
+    for damaged in checkpoints[: checkpoints.index(intact[0])] if intact else []:
+        log.warning("checkpoint %s is damaged; resuming from the previous intact one", damaged)
+    resume_from = intact[0] if intact else None
     runtime.barrier()
     if runtime.is_main:
-        start_run_dir(out, identity, resume_from, overwrite)
+        start_run_dir(out, identity, resume_from)
     runtime.barrier()
 
     torch.manual_seed(config.seed)
     wrapped = wrap_for_distributed(task, config, runtime)
     parameters = [p for p in task.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, config.warmup_steps, plan.total_steps, min_lr=config.min_lr)
+    optimizer = build_optimizer(parameters, config)
+    scheduler = build_scheduler(optimizer, config, plan.total_steps)
     step, tokens = 0, 0
     if resume_from is not None:
-        step, tokens = load_checkpoint(resume_from, task.model, optimizer, scheduler, runtime)
+        step, tokens = load_checkpoint(resume_from, task, optimizer, scheduler, runtime)
         log.info("resuming %s from %s (step %d of %d)", out, resume_from.name, step, plan.total_steps)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast(config, runtime.device) else contextlib.nullcontext()
     last_saved = step if resume_from is not None else -1
@@ -373,9 +441,7 @@ def train(task: TrainingTask, rows: np.ndarray, config: TrainingConfig, out: Pat
         save_checkpoint(out, step, tokens, task.model, optimizer, scheduler, rng_state, task.student_config, config.keep_checkpoints, runtime)
         last_saved = step
 
-    with StopRequest() as stop, progress_bar(description, total=plan.total_steps, unit="step") as bar, warnings.catch_warnings():
-        # ModelOpt warns when gradient checkpointing re-runs its capture hooks in backward; that is expected.
-        warnings.filterwarnings("ignore", message=".*already has an intermediate output stored.*")
+    with StopRequest() as stop, progress_bar(description, total=plan.total_steps, unit="step") as bar, expected_modelopt_warnings():
         bar.initial = bar.n = step
         bar.refresh()
         while step < plan.total_steps:
@@ -397,7 +463,7 @@ def train(task: TrainingTask, rows: np.ndarray, config: TrainingConfig, out: Pat
             if stopped:
                 if last_saved != step and step > 0:
                     checkpoint(rng_state)
-                log.warning("stopped at step %d of %d; continue with --resume (checkpoint: %s)", step, plan.total_steps,
+                log.warning("stopped at step %d of %d; %s (checkpoint: %s)", step, plan.total_steps, resume_hint,
                             checkpoint_dirs(out)[-1] if checkpoint_dirs(out) else "none yet")
                 raise KeyboardInterrupt
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
@@ -418,11 +484,6 @@ def train(task: TrainingTask, rows: np.ndarray, config: TrainingConfig, out: Pat
             if step % config.save_every == 0 or step == plan.total_steps:
                 checkpoint(torch.get_rng_state())
     return TrainingResult(task.model, step, tokens, time.perf_counter() - started, {**last, "steps_this_session": step - first_step})
-
-
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy per token (position t predicts token t+1 of the packed row)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
 def write_final_model(out: Path, model: nn.Module, tokenizer, files: dict[str, str], runtime: Distributed) -> None:
@@ -446,67 +507,3 @@ def write_final_model(out: Path, model: nn.Module, tokenizer, files: dict[str, s
     staging.rmdir()
     for name, text in files.items():
         atomic_write_text(out / name, text)
-
-
-# ---------------------------------------------------------------- CLI flags shared by distill and finetune
-
-
-def add_training_arguments(parser) -> None:
-    group = parser.add_argument_group("training")
-    budget = group.add_mutually_exclusive_group()
-    budget.add_argument("--tokens", type=int, help="token budget (global batch x seq_len per step)")
-    budget.add_argument("--steps", type=int, help="optimizer-step budget")
-    batch = group.add_mutually_exclusive_group()
-    batch.add_argument("--global-batch-size", type=int, help="sequences per optimizer step over all ranks (default 8)")
-    batch.add_argument("--global-batch-tokens", type=int, help="tokens per optimizer step over all ranks (a multiple of --seq-len)")
-    group.add_argument("--micro-batch-size", type=int, help="sequences per forward/backward on one rank (default 4)")
-    group.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
-    group.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default 1e-5)")
-    group.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 40)")
-    group.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    group.add_argument("--grad-clip", type=float, help="gradient-norm clip (default 1.0)")
-    group.add_argument("--no-autocast", dest="autocast", action="store_const", const=False, help="no bfloat16 autocast on CUDA")
-    group.add_argument("--gradient-checkpointing", action="store_const", const=True, help="recompute activations in backward")
-    group.add_argument("--distributed", choices=["ddp", "fsdp"], help="strategy under torchrun (default ddp)")
-    group.add_argument("--save-every", type=int, help="checkpoint every N steps (default 100)")
-    group.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (default 2)")
-    group.add_argument("--seed", type=int, help="seed of the data order (default 0)")
-    group.add_argument("--eval-batches", type=int, default=None, help="final eval on at most this many batches of 8 (default: the whole eval split)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
-    parser.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-
-
-def config_from_args(args, config_class: type[TrainingConfig], extra_fields: tuple[str, ...] = ()):
-    """Build the stage's config from the flags that were given; pydantic's complaint becomes a one-line error."""
-    from pydantic import ValidationError
-
-    names = ("tokens", "steps", "global_batch_size", "micro_batch_size", "lr", "min_lr", "warmup_steps", "weight_decay",
-             "grad_clip", "autocast", "gradient_checkpointing", "distributed", "save_every", "keep_checkpoints", "seed") + extra_fields
-    fields = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    if getattr(args, "global_batch_tokens", None) is not None:
-        if args.global_batch_tokens <= 0 or args.global_batch_tokens % args.seq_len:
-            raise UserError(f"--global-batch-tokens {args.global_batch_tokens} must be a positive multiple of --seq-len {args.seq_len}")
-        fields["global_batch_size"] = args.global_batch_tokens // args.seq_len
-    try:
-        return config_class(**fields)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        flag = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "options"
-        raise UserError(f"invalid {flag}: {error['msg'].removeprefix('Value error, ')}") from None
-
-
-def print_summary(summary: dict, as_json: bool) -> None:
-    """The whole summary as JSON, or the few numbers a person reads after a run."""
-    if as_json:
-        print(json.dumps(summary, indent=2))
-        return
-    evaluation = summary["eval"]
-    rows = {"out": summary["out"], "steps": summary["steps"], "tokens": summary["tokens"], "train seconds": f"{summary['train_seconds']:.1f}",
-            "final train loss": f"{summary['final_train'].get('loss', float('nan')):.4f}", "eval perplexity": f"{evaluation['perplexity']:.3f}"}
-    if "kl" in evaluation:
-        rows.update({"teacher perplexity": f"{evaluation['teacher_perplexity']:.3f}", "KL(teacher || student)": f"{evaluation['kl']:.4f}",
-                     "top-1 agreement": f"{evaluation['top1_agreement']:.2%}"})
-    width = max(len(key) for key in rows)
-    for key, value in rows.items():
-        print(f"{key:<{width}}  {value}")

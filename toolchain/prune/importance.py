@@ -29,9 +29,12 @@ from torch import nn
 
 from toolchain.data import iterate_batches
 from toolchain.errors import UserError
+from toolchain.losses import next_token_nll
+from toolchain.models import head_dim
 from toolchain.progress import progress_bar
 
-IMPORTANCE_FORMAT = "minitron-importance-1"
+IMPORTANCE_FORMAT = "minitron-importance-2"
+WIDTH_SCORES = ("hidden", "ffn", "heads")
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -69,19 +72,18 @@ class ActivationRecorder:
         config = model.config
         layers = decoder_layers(model)
         device = next(model.parameters()).device
-        num_layers, heads = len(layers), config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        num_layers, heads, width = len(layers), config.num_attention_heads, head_dim(config)
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         self.sums = {
             "ffn": zeros(2, num_layers, config.intermediate_size),
-            "attention": zeros(2, num_layers, heads * head_dim),
+            "attention": zeros(2, num_layers, heads * width),
             "hidden": zeros(2, 2 * num_layers, config.hidden_size),
             "block": zeros(num_layers),
             "counts": zeros(2),  # sequences, tokens
         }
         self.model = model
         self.sequence_aggregation = sequence_aggregation
-        self.heads, self.head_dim = heads, head_dim
+        self.heads, self.head_dim = heads, width
 
     def add(self, name: str, index: int, activations: torch.Tensor) -> None:
         values = aggregate_sequence(activations.detach(), self.sequence_aggregation).double()
@@ -153,9 +155,7 @@ def activation_importance(model, rows, batch_size: int, sequence_aggregation: st
 @torch.no_grad()
 def magnitude_importance(model) -> dict[str, torch.Tensor]:
     """L2 norm of every weight that reads or writes a unit (a baseline that needs no data)."""
-    config = model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    heads, width = model.config.num_attention_heads, head_dim(model.config)
     hidden = model.get_input_embeddings().weight.float().pow(2).sum(dim=0)
     if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
         hidden += model.get_output_embeddings().weight.float().pow(2).sum(dim=0)
@@ -169,8 +169,8 @@ def magnitude_importance(model) -> dict[str, torch.Tensor]:
             hidden += writer.weight.float().pow(2).sum(dim=1)
         hidden += layer.input_layernorm.weight.float().pow(2) + layer.post_attention_layernorm.weight.float().pow(2)
         ffn.append(mlp.gate_proj.weight.float().pow(2).sum(1) + mlp.up_proj.weight.float().pow(2).sum(1) + mlp.down_proj.weight.float().pow(2).sum(0))
-        q = attn.q_proj.weight.float().pow(2).sum(1).view(heads, head_dim).sum(1)
-        o = attn.o_proj.weight.float().pow(2).sum(0).view(heads, head_dim).sum(1)
+        q = attn.q_proj.weight.float().pow(2).sum(1).view(heads, width).sum(1)
+        o = attn.o_proj.weight.float().pow(2).sum(0).view(heads, width).sum(1)
         head_scores.append(q + o)
     return {"hidden": hidden.sqrt().cpu(), "ffn": torch.stack(ffn).sqrt().cpu(), "heads": torch.stack(head_scores).sqrt().cpu()}
 
@@ -184,11 +184,6 @@ def random_importance(config, seed: int) -> dict[str, torch.Tensor]:
         "ffn": torch.rand(layers, config.intermediate_size, generator=generator),
         "heads": torch.rand(layers, config.num_attention_heads, generator=generator),
     }
-
-
-def sum_of_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token negative log-likelihood of packed rows (position t predicts token t+1)."""
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum").double()
 
 
 @contextmanager
@@ -236,9 +231,9 @@ def layer_drop_losses(model, rows, batch_size: int, candidates: list[list[int]],
         for input_ids in iterate_batches(rows, batch_size):
             input_ids = input_ids.to(device)
             with captured_layer_inputs(model) as inputs:
-                totals[0] += sum_of_nll(model(input_ids=input_ids, use_cache=False).logits, input_ids)
+                totals[0] += next_token_nll(model(input_ids=input_ids, use_cache=False).logits, input_ids, "sum").double()
             for i, dropped in enumerate(candidates, 1):
-                totals[i] += sum_of_nll(logits_without(model, inputs, set(dropped)), input_ids)
+                totals[i] += next_token_nll(logits_without(model, inputs, set(dropped)), input_ids, "sum").double()
             predicted += input_ids.shape[0] * (input_ids.shape[1] - 1)
             bar.update(1)
     counts = torch.tensor([predicted], dtype=torch.float64, device=device)
@@ -299,14 +294,15 @@ def depth_score_names(method: str, drop: int) -> list[str]:
 
 
 def save_importance(path, scores: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Scores plus what they were computed from: the model and, per score, the settings that determine it (`scores.NAME.identity`)."""
     from safetensors.torch import save_file
 
     save_file({name: tensor.contiguous() for name, tensor in scores.items()}, str(path),
               metadata={"format": IMPORTANCE_FORMAT, "minitron": json.dumps(metadata, sort_keys=True)})
 
 
-def load_importance(path, fingerprint: str, shape: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Scores and metadata of an importance file, refused unless it was computed on this very model."""
+def read_importance(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Scores and metadata of an importance file written by `save_importance`."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -317,11 +313,34 @@ def load_importance(path, fingerprint: str, shape: dict) -> tuple[dict[str, torc
     except FileNotFoundError:
         raise UserError(f"importance file {path} does not exist; pass the importance.safetensors of an earlier prune run") from None
     except Exception as exc:  # safetensors raises several types for a damaged file
-        raise UserError(f"cannot read importance file {path}: {exc}; recompute it by running without --importance") from None
+        raise UserError(f"cannot read importance file {path}: {exc}; recompute it by leaving out --importance") from None
     if header.get("format") != IMPORTANCE_FORMAT:
-        raise UserError(f"{path} is not a minitron importance file; pass the importance.safetensors written by `minitron prune`")
-    metadata = json.loads(header["minitron"])
+        raise UserError(f"{path} is not an importance file of this toolchain version; recompute it by leaving out --importance")
+    return scores, json.loads(header["minitron"])
+
+
+def reusable_scores(path, fingerprint: str, shape: dict, wanted: dict[str, dict], refuse_mismatch: bool) -> tuple[dict, dict]:
+    """The scores of an importance file that were computed on this model with the settings now wanted, and their records.
+
+    `wanted` maps each needed score name to its identity (the settings that determine it). A score
+    computed with other settings is refused (a user-given file: say which setting differs) or left out
+    to be recomputed (`refuse_mismatch=False`); scores the file lacks are simply not returned.
+    """
+    scores, metadata = read_importance(path)
     if metadata.get("model_fingerprint") != fingerprint or metadata.get("shape") != shape:
         raise UserError(f"importance file {path} was computed on another model ({metadata.get('model')}, shape {metadata.get('shape')}); "
-                        "recompute it for this model by running without --importance")
-    return scores, metadata
+                        "recompute it for this model by leaving out --importance")
+    records = metadata.get("scores", {})
+    reused = {}
+    for name, identity in wanted.items():
+        if name not in scores:
+            continue
+        recorded = records.get(name, {}).get("identity", {})
+        if recorded == identity:
+            reused[name] = scores[name]
+        elif refuse_mismatch:
+            differing = sorted(key for key in set(recorded) | set(identity) if recorded.get(key) != identity.get(key))
+            shown = ", ".join(f"{key} {recorded.get(key)!r} (asked: {identity.get(key)!r})" for key in differing)
+            raise UserError(f"importance file {path} holds {name} scores computed with other settings: {shown}; ask for the same settings "
+                            f"or leave out --importance to recompute them")
+    return reused, {name: records[name] for name in reused}

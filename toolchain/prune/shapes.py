@@ -8,9 +8,9 @@ which channels to keep (importance.py) or how tensors are cut (slicing.py).
 import copy
 from dataclasses import asdict, dataclass
 
-import torch
-
-from toolchain.errors import UserError
+from toolchain.errors import UserError, setting
+from toolchain.models import head_dim
+from toolchain.settings import PRUNE_TARGETS, PruneConfig
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class ModelShape:
             ffn_hidden_size=config.intermediate_size,
             num_attention_heads=heads,
             num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            head_dim=head_dim(config),
             num_layers=config.num_hidden_layers,
         )
 
@@ -44,13 +44,8 @@ class ModelShape:
         return asdict(self)
 
 
-TARGET_FLAGS = {
-    "hidden_size": "--hidden-size",
-    "ffn_hidden_size": "--ffn-hidden-size",
-    "num_attention_heads": "--num-attention-heads",
-    "num_key_value_heads": "--num-key-value-heads",
-    "num_layers": "--num-layers",
-}
+# PruneConfig targets that name a ModelShape axis (drop_layers is the explicit form of num_layers).
+SHAPE_TARGETS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads", "num_layers")
 
 
 def parse_layer_list(spec: str, num_layers: int) -> list[int]:
@@ -63,25 +58,20 @@ def parse_layer_list(spec: str, num_layers: int) -> list[int]:
             else:
                 start = end = int(part)
         except ValueError:
-            raise UserError(f"--drop-layers {spec!r} is not a list of layers; write e.g. 16-31 or 3,5,7-9 (0-based)") from None
+            raise UserError(f"{setting('prune.drop_layers')} {spec!r} is not a list of layers; write e.g. 16-31 or 3,5,7-9 (0-based)") from None
         if start > end:
-            raise UserError(f"--drop-layers range {part!r} runs backwards; write the lower index first")
+            raise UserError(f"{setting('prune.drop_layers')} range {part!r} runs backwards; write the lower index first")
         if start < 0 or end >= num_layers:
-            raise UserError(f"--drop-layers {spec!r} is out of range: the model has layers 0-{num_layers - 1}")
+            raise UserError(f"{setting('prune.drop_layers')} {spec!r} is out of range: the model has layers 0-{num_layers - 1}")
         layers.update(range(start, end + 1))
     if len(layers) >= num_layers:
-        raise UserError(f"--drop-layers {spec!r} drops all {num_layers} layers; keep at least one")
+        raise UserError(f"{setting('prune.drop_layers')} {spec!r} drops all {num_layers} layers; keep at least one")
     return sorted(layers)
 
 
 def check_target(name: str, value: int | None, original: int) -> None:
-    if value is None:
-        return
-    flag = TARGET_FLAGS[name]
-    if value <= 0:
-        raise UserError(f"{flag} must be a positive integer, got {value}")
-    if value > original:
-        raise UserError(f"{flag} {value} is larger than the model's {original}; pruning can only shrink a model")
+    if value is not None and value > original:
+        raise UserError(f"{setting('prune.' + name)} {value} is larger than the model's {original}; pruning can only shrink a model")
 
 
 def nearest_multiples(value: int, factor: int, limit: int) -> list[int]:
@@ -91,20 +81,23 @@ def nearest_multiples(value: int, factor: int, limit: int) -> list[int]:
     return candidates or [factor]
 
 
-def target_shape(original: ModelShape, targets: dict, drop_layers: str | None = None) -> tuple[ModelShape, list[int] | None]:
+def target_shape(original: ModelShape, prune: PruneConfig) -> tuple[ModelShape, list[int] | None]:
     """Validate the targets against the model and return the pruned shape and the explicit layers to drop.
 
     Query heads are pruned equally in every GQA group, key-value heads as whole groups (with their query
     heads): without a head target, dropping groups keeps the same heads per group.
     """
-    for name in TARGET_FLAGS:
+    if not prune.targets():
+        raise UserError(f"no pruning target: set at least one of {', '.join(setting('prune.' + name) for name in PRUNE_TARGETS)}")
+    targets, drop_layers = prune.targets(), prune.drop_layers
+    for name in SHAPE_TARGETS:
         check_target(name, targets.get(name), getattr(original, name))
     kv_heads = targets.get("num_key_value_heads") or original.num_key_value_heads
     heads = targets.get("num_attention_heads") or kv_heads * original.heads_per_group
     if heads % kv_heads:
         valid = nearest_multiples(heads, kv_heads, original.num_attention_heads)
         raise UserError(f"{heads} attention heads are not divisible by {kv_heads} key-value heads; GQA needs a multiple, "
-                        f"e.g. --num-attention-heads {' or '.join(map(str, valid))}")
+                        f"e.g. {setting('prune.num_attention_heads')} {' or '.join(map(str, valid))}")
     if heads // kv_heads > original.heads_per_group:
         raise UserError(f"{heads} attention heads over {kv_heads} key-value heads needs {heads // kv_heads} query heads per group, "
                         f"but the model has {original.heads_per_group}; use at most {kv_heads * original.heads_per_group} heads")
@@ -112,14 +105,14 @@ def target_shape(original: ModelShape, targets: dict, drop_layers: str | None = 
     if hidden % heads:
         valid = nearest_multiples(hidden, heads, original.hidden_size)
         raise UserError(f"hidden size {hidden} is not a multiple of {heads} attention heads, which transformers 5.x refuses; "
-                        f"use --hidden-size {' or '.join(map(str, valid))}, or prune heads too")
+                        f"use {setting('prune.hidden_size')} {' or '.join(map(str, valid))}, or prune heads too")
     layers = targets.get("num_layers") or original.num_layers
     dropped = None
     if drop_layers:
         dropped = parse_layer_list(drop_layers, original.num_layers)
         if targets.get("num_layers") is not None and layers != original.num_layers - len(dropped):
-            raise UserError(f"--drop-layers {drop_layers} leaves {original.num_layers - len(dropped)} layers but --num-layers is {layers}; "
-                            "give one of them, or make them agree")
+            raise UserError(f"{setting('prune.drop_layers')} {drop_layers} leaves {original.num_layers - len(dropped)} layers but "
+                            f"{setting('prune.num_layers')} is {layers}; give one of them, or make them agree")
         layers = original.num_layers - len(dropped)
     shape = ModelShape(hidden_size=hidden, ffn_hidden_size=targets.get("ffn_hidden_size") or original.ffn_hidden_size,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=original.head_dim, num_layers=layers)
@@ -147,17 +140,3 @@ def check_config(config) -> None:
         type(config)(**config.to_dict())
     except (ValueError, TypeError) as exc:
         raise UserError(f"transformers refuses the pruned config: {str(exc).strip().splitlines()[-1].strip()}; choose other targets") from None
-
-
-def parameter_counts(config) -> dict:
-    """Total and non-embedding parameters of `config`, counted on a meta-device model (no memory, no weights)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())  # parameters() lists a tied weight once
-    embedding = model.get_input_embeddings().weight.numel()
-    output = model.get_output_embeddings()
-    if output is not None and output.weight is not model.get_input_embeddings().weight:
-        embedding += output.weight.numel()
-    return {"total": total, "non_embedding": total - embedding}
