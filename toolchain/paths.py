@@ -38,8 +38,12 @@ def check_output_location(out: Path, name: str | None = None, overwrite: bool = 
     existing = out if out.exists() else next(parent for parent in out.absolute().parents if parent.exists())
     if not existing.is_dir():
         raise UserError(f"{name} cannot be created: {existing} is a file, not a directory; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{name} cannot be written: no write permission in {existing}; choose another path")
+    try:  # a real write, not os.access: root passes permission checks, yet not on a read-only file system
+        probe, probe_path = tempfile.mkstemp(prefix=".minitron-write-check-", dir=existing)
+        os.close(probe)
+        os.unlink(probe_path)
+    except OSError as exc:
+        raise UserError(f"{name} cannot be written: {existing} refuses new files ({exc.strerror}); choose another path") from None
 
 
 def replace_path(target: Path, new: Path) -> None:
