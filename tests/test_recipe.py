@@ -53,10 +53,12 @@ def test_recipe_file_and_errors(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"name": "mine", "students": [{"name": "a", "prune": {"num_layers": 2}}]}))
     assert load_recipe(str(path)).students[0].prune.num_layers == 2
-    with pytest.raises(UserError, match="neither a file nor a built-in"):
+    with pytest.raises(UserError, match="recipe file .*missing.yaml does not exist.*smollm2-135m-minitron"):
         load_recipe(str(tmp_path / "missing.yaml"))
-    path.write_text("name: [unclosed")
-    with pytest.raises(UserError, match="not valid YAML"):
+    with pytest.raises(UserError, match="unknown recipe 'no-such-recipe'"):
+        load_recipe("no-such-recipe")
+    path.write_text("name: mine\nstudents: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML at line 3"):
         load_recipe(str(path))
     path.write_text(yaml.safe_dump({"name": "dup", "students": [{"name": "a"}, {"name": "a"}]}))
     with pytest.raises(UserError, match="unique"):

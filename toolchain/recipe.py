@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toolchain.errors import UserError
+from toolchain.named_yaml import apply_override, builtin_names, read_named_yaml
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -183,46 +184,11 @@ class Recipe(Section):
 
 
 def builtin_recipe_names() -> list[str]:
-    return sorted(entry.name.removesuffix(".yaml") for entry in resources.files("toolchain.recipes").iterdir() if entry.name.endswith(".yaml"))
+    return builtin_names(resources.files("toolchain.recipes"))
 
 
 def read_recipe_yaml(recipe: str) -> dict:
-    path = Path(recipe).expanduser()
-    if path.is_file():
-        text = path.read_text()
-    elif recipe in builtin_recipe_names():
-        text = resources.files("toolchain.recipes").joinpath(f"{recipe}.yaml").read_text()
-    else:
-        raise UserError(f"recipe {recipe!r} is neither a file nor a built-in recipe ({', '.join(builtin_recipe_names())})")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"recipe {recipe} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"recipe {recipe} must be a YAML mapping of sections (name, teacher, data, ...)")
-    return data
-
-
-def apply_override(data: dict, dotted_key: str, value) -> None:
-    """Set `a.b.c` in nested dicts/lists; list items by index or by their `name`."""
-    parts = dotted_key.split(".")
-    node = data
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        if isinstance(node, list):
-            index = int(part) if part.isdigit() else next((i for i, item in enumerate(node) if isinstance(item, dict) and item.get("name") == part), None)
-            if index is None or index >= len(node):
-                raise UserError(f"override {dotted_key}: no list item {part!r}")
-            if last:
-                node[index] = value
-            node = node[index]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
-        else:
-            raise UserError(f"override {dotted_key}: {'.'.join(parts[:depth])} is not a section")
+    return read_named_yaml(recipe, resources.files("toolchain.recipes"), "recipe", "of sections: name, teacher, data, ...")[0]
 
 
 def parse_override(assignment: str) -> tuple[str, object]:
