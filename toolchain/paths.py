@@ -17,6 +17,25 @@ def cache_dir() -> Path:
     return Path(base) / "minitron"
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output_location(out: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output directory that cannot be made: a file, below a file, or not writable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is a file; name a directory")
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {out} lies below {existing}, which is a file; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out}: {existing} is not writable by this user; choose another {flag}")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, overwrite: bool = False):
     """Yield a temporary directory beside `out` and rename it to `out` only if the block succeeds.
@@ -28,6 +47,7 @@ def atomic_output_dir(out: Path, overwrite: bool = False):
         raise UserError(f"output directory {out} exists and is not empty; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it drwx------; an output gets the mode mkdir would give it
     try:
         yield tmp
     except BaseException:
