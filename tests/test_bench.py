@@ -1,9 +1,11 @@
-"""`minitron bench`: a teacher and a student CPU engine measured through real Triton servers."""
+"""`minitron bench`: a teacher and a student CPU engine measured through real Triton servers; failures fail the benchmark."""
 
 import json
+import socket
 
 import pytest
 
+from conftest import run_cli, write_engine_manifest
 from toolchain.bench import bench, percentile
 from toolchain.build import build
 from toolchain.errors import UserError
@@ -27,12 +29,21 @@ def engines(tmp_path_factory, tokenizer_dir):
     return root / "teacher-engine", root / "student-engine"
 
 
+@pytest.fixture(scope="module")
+def student_url(engines):
+    """The student engine served as a running server is: bench gets its gRPC HOST:PORT."""
+    from toolchain.serve import serving
+
+    with serving(engines[1], threads=1) as running:
+        yield running.endpoints.grpc
+
+
 @pytest.mark.slow
-def test_bench_teacher_and_student_engines(engines, corpus_jsonl, tmp_path):
-    teacher_engine, student_engine = engines
-    results = bench([str(teacher_engine), str(student_engine)], data=str(corpus_jsonl), input_len=16, output_len=8,
+def test_bench_teacher_engine_and_student_server(engines, student_url, corpus_jsonl, tmp_path):
+    teacher_engine, _ = engines
+    results = bench([str(teacher_engine), student_url], data=str(corpus_jsonl), input_len=16, output_len=8,
                     concurrency=[1, 2], requests=3, threads=1, out=tmp_path / "out", labels=["teacher", "student"])
-    assert [t["target"] for t in results["targets"]] == [str(teacher_engine), str(student_engine)]
+    assert [t["target"] for t in results["targets"]] == [str(teacher_engine), student_url]
     for target in results["targets"]:
         for level in target["levels"]:
             assert level["requests"] == 3 and level["errors"] == 0
@@ -56,3 +67,37 @@ def test_bench_bad_targets(tmp_path, tiny_model):
         bench([str(tiny_model)], requests=0)
     with pytest.raises(UserError, match="--labels names 2 targets but 1"):
         bench([str(tiny_model)], labels=["a", "b"])
+    with pytest.raises(UserError, match="--max-error-rate 1.5 is not a share"):
+        bench([str(tiny_model)], max_error_rate=1.5)
+
+
+def test_bench_checks_its_out_and_targets_before_measuring(tmp_path, tiny_model, tokenizer_dir):
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(UserError, match="--out .*file is a file"):
+        bench(["127.0.0.1:1"], tokenizer=str(tiny_model), out=tmp_path / "file")
+    with pytest.raises(UserError, match="--out .*lies below .*file, which is a file"):
+        bench(["127.0.0.1:1"], tokenizer=str(tiny_model), out=tmp_path / "file" / "results")
+    assert (tmp_path / "file").read_text() == "keep"
+    trtllm_engine = tmp_path / "trtllm-engine"
+    for part in ("engine", "tokenizer"):
+        (trtllm_engine / part).mkdir(parents=True)
+    write_engine_manifest(trtllm_engine, "h100-fp8", "tensorrt-llm", "engine", built=False)
+    with pytest.raises(UserError, match="cannot be served here: TensorRT-LLM engines run on a GPU.*pass its gRPC HOST:PORT instead"):
+        bench([str(trtllm_engine)])
+
+
+def test_bench_fails_when_requests_fail_unless_told_to_tolerate_them(tiny_model, corpus_jsonl, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nothing = f"127.0.0.1:{sock.getsockname()[1]}"  # nothing listens there
+    workload = ["--tokenizer", tiny_model, "--data", corpus_jsonl, "--input-len", "8", "--output-len", "2", "--requests", "3",
+                "--concurrency", "1,2", "--out", tmp_path / "out"]
+    failed = run_cli("bench", nothing, *workload)
+    error = failed.stderr.splitlines()[-1]  # after the data's log line
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert error.startswith(f"minitron bench: error: 6 of 6 requests to {nothing} failed") and "found no Triton gRPC endpoint" in error
+    assert "--max-error-rate" in error and not (tmp_path / "out").exists()
+    tolerated = run_cli("bench", nothing, *workload, "--max-error-rate", "1", "--json")
+    assert tolerated.returncode == 0, tolerated.stderr
+    assert [level["errors"] for level in json.loads(tolerated.stdout)["targets"][0]["levels"]] == [3, 3]
+    assert json.loads((tmp_path / "out" / "bench.json").read_text()) == json.loads(tolerated.stdout)

@@ -159,13 +159,16 @@ def run_student(run: Run, student: StudentConfig, importance_file: Path | None) 
 
 def benchmark_engines(run: Run, student_engines: dict[str, str]) -> dict | None:
     """Teacher engine (same profile) first, then the students', through Triton; None where engines cannot run here."""
+    from toolchain.backends import engine_backend
     from toolchain.bench import bench
     from toolchain.build import build
     from toolchain.engine_profile import load_profile
 
     recipe = run.recipe
-    if load_profile(recipe.engine.profile).backend != "onnxruntime-genai":
-        log.info("engines of profile %s run on a GPU machine only: serve them there and run `minitron bench HOST:PORT`", recipe.engine.profile)
+    reason = engine_backend(load_profile(recipe.engine.profile).backend).unavailable_reason()
+    if reason is not None:
+        log.info("engines of profile %s cannot be served here (%s): serve them where they run and use `minitron bench HOST:PORT`",
+                 recipe.engine.profile, reason)
         return None
     teacher_engine = run.dir / "teacher-engine"
     if not teacher_engine.is_dir():
@@ -178,7 +181,7 @@ def benchmark_engines(run: Run, student_engines: dict[str, str]) -> dict | None:
     return bench([str(teacher_engine), *student_engines.values()], labels=["teacher", *student_engines], data=recipe.data.spec,
                  input_len=b.input_len, output_len=b.output_len,
                  concurrency=b.concurrency, requests=b.requests, threads=b.threads, max_batch_size=recipe.serve.max_batch_size,
-                 out=run.dir / "bench")
+                 out=run.dir / "bench", max_error_rate=b.max_error_rate)
 
 
 def quantize_student(run: Run, model_dir: Path, out: Path, row: dict) -> Path:

@@ -152,6 +152,7 @@ class BenchConfig(Section):
     concurrency: list[int] = Field(default_factory=lambda: [1, 4], description="Concurrent clients; one measurement per value.")
     requests: int = Field(16, gt=0, description="Requests per measurement.")
     threads: int = Field(1, gt=0, description="CPU threads of the engine (pinned for stable numbers).")
+    max_error_rate: float = Field(0.0, ge=0, le=1, description="Share of a target's requests that may fail; above it the benchmark fails (exit 2) and writes nothing.")
 
 
 class Recipe(Section):
