@@ -31,7 +31,7 @@ while IFS= read -r -d '' manifest; do
   fi
   echo "== $dir: building the TensorRT-LLM engine"
   bash "$dir/build.sh"
-  python3 -c 'import sys; from toolchain.build import finish_trtllm_build; finish_trtllm_build(sys.argv[1])' "$dir"
+  python3 -c 'import sys; from toolchain.backends.tensorrt_llm import finish_trtllm_build; finish_trtllm_build(sys.argv[1])' "$dir"
   built_any=1
 done < <(find "$root" -name manifest.json -print0)
 [[ $built_any == 1 ]] && echo "engines built"

@@ -115,6 +115,19 @@ def corpus_jsonl(tmp_path_factory) -> Path:
     return path
 
 
+def write_engine_manifest(engine_dir: Path, profile_name: str, backend: str, model_dir: str, built: bool = True, **limits) -> None:
+    """The manifest `minitron build` would write for an engine directory assembled by a test."""
+    from toolchain.engine_profile import load_profile
+    from toolchain.manifest import write_manifest
+
+    profile = load_profile(profile_name)
+    write_manifest(engine_dir, backend=backend, profile_name=profile.name, profile=profile.model_dump(mode="json"),
+                   source_model="tiny", source_fingerprint="0" * 16, model_dir=model_dir, built=built,
+                   max_batch_size=limits.get("max_batch_size", profile.max_batch_size),
+                   max_input_len=limits.get("max_input_len", profile.max_input_len),
+                   max_seq_len=limits.get("max_seq_len", profile.max_seq_len), seconds=0.0)
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `minitron ...` in a subprocess, as a user would."""
     return subprocess.run([sys.executable, "-m", "toolchain", *map(str, args)], capture_output=True, text=True,

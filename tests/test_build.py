@@ -7,10 +7,17 @@ import subprocess
 import pytest
 import yaml
 
-from toolchain.build import build, check_engine_dir, finish_trtllm_build, trtllm_build_command
+from toolchain.backends.tensorrt_llm import (
+    check_engine_dir,
+    finish_trtllm_build,
+    trtllm_build_command,
+)
+from toolchain.build import build
 from toolchain.engine_profile import PROFILES_DIR, load_profile, shipped_profile_names
 from toolchain.errors import UserError
 from toolchain.manifest import read_manifest
+from toolchain.paths import current_umask
+from toolchain.settings import DataConfig
 from toolchain.trtllm_checkpoint import validate_checkpoint
 
 # Tiny model every shipped profile accepts: INT4-AWQ-able widths, a context as long as the largest profile's.
@@ -28,7 +35,7 @@ def write_profile(tmp_path, base: str, **changes):
 
 @pytest.mark.parametrize("name", shipped_profile_names())
 def test_every_shipped_profile_plans_on_a_model_it_fits(make_tiny_model, tmp_path, name):
-    result = build(name, str(make_tiny_model(**PROFILE_READY)), tmp_path / "engine", dry_run=True)
+    result = build(load_profile(name), str(make_tiny_model(**PROFILE_READY)), tmp_path / "engine", DataConfig(), dry_run=True)
     assert result.dry_run and not result.built and not (tmp_path / "engine").exists()
     if load_profile(name).backend == "tensorrt-llm":
         assert result.command.startswith("trtllm-build --checkpoint_dir checkpoint --output_dir engine")
@@ -92,30 +99,50 @@ def test_engine_dir_check(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("profile", ["cpu-fp32", "cpu-int4"])
-def test_cpu_profile_builds_a_runnable_engine(make_tiny_model, tmp_path, profile):
-    model = make_tiny_model(max_position_embeddings=2048)
+@pytest.mark.parametrize("profile, context, limits, own_limits", [
+    ("cpu-fp32", 2048, (2048, 1024), None),
+    ("cpu-int4", 256, (256, 128), {"max_seq_len": 2048, "max_input_len": 1024}),  # a model shorter than the profile: fitted
+])
+def test_cpu_profile_builds_a_runnable_engine(make_tiny_model, tmp_path, profile, context, limits, own_limits):
+    model = make_tiny_model(max_position_embeddings=context)
     out = tmp_path / "engine"
-    result = build(profile, str(model), out)
+    result = build(load_profile(profile), str(model), out, DataConfig())
     assert result.built and result.smoke_text is not None
     manifest = read_manifest(out)
-    assert (manifest.backend, manifest.model_dir, manifest.max_seq_len) == ("onnxruntime-genai", "engine", 2048)
+    assert (manifest.backend, manifest.model_dir, manifest.smoke_text) == ("onnxruntime-genai", "engine", result.smoke_text)
+    assert (manifest.max_seq_len, manifest.max_input_len) == limits == (manifest.profile["max_seq_len"], manifest.profile["max_input_len"])
+    assert manifest.profile_limits == own_limits
     assert (out / "engine" / "genai_config.json").is_file() and (out / "tokenizer" / "tokenizer.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "model"]  # no temporary directories left
+    assert out.stat().st_mode & 0o777 == 0o777 & ~current_umask()
+
+
+def test_a_profile_longer_than_the_model_is_fitted_to_it(make_tiny_model, tmp_path, cli):
+    profile = write_profile(tmp_path, "a100-bf16", max_input_len=1024, max_seq_len=4096, max_num_tokens=2048)
+    result = cli("build", "--profile", profile, "--model", make_tiny_model(), "--out", tmp_path / "engine", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "max_seq_len 4096 -> 256 (the model's max_position_embeddings) and max_input_len 1024 -> 64" in result.stderr
+    assert "limits fitted to the model: max_seq_len 4096 -> 256, max_input_len 1024 -> 64" in result.stdout
+    assert "--max_input_len 64 --max_seq_len 256 --max_num_tokens 2048" in result.stdout
+    assert not (tmp_path / "engine").exists()
 
 
 @pytest.mark.parametrize("profile_changes, args, message", [
     (None, ["--profile", "h900"], "unknown engine profile 'h900'"),
     ({"tp": 3, "max_num_tokens": 256, "max_input_len": 128, "max_seq_len": 256}, [], "tp=3 does not divide the 4 attention heads"),
     ({"max_input_len": 512, "max_seq_len": 256}, [], "max_input_len 512 > max_seq_len 256"),
-    ({"max_input_len": 128, "max_seq_len": 4096, "max_num_tokens": 256}, [], "max_position_embeddings is 256"),
+    ({"max_input_len": 128, "max_seq_len": 256, "max_num_tokens": 256}, ["--out", "file"], "is a file; name a directory"),
+    ({"max_input_len": 128, "max_seq_len": 256, "max_num_tokens": 256}, ["--out", "file/engine"], "lies below"),
 ])
 def test_bad_builds_are_one_line_errors_and_write_nothing(make_tiny_model, tmp_path, cli, profile_changes, args, message):
     model = make_tiny_model()
+    (tmp_path / "file").write_text("keep")
     profile = ["--profile", write_profile(tmp_path, "a100-bf16", **profile_changes)] if profile_changes else []
+    args = [str(tmp_path / arg) if arg.startswith("file") else arg for arg in args]
     result = cli("build", "--model", model, "--out", tmp_path / "engine", *profile, *args)
     assert result.returncode == 2 and message in result.stderr and result.stderr.strip().count("\n") == 0
-    assert not (tmp_path / "engine").exists() and not any(p.name.startswith(".engine") for p in tmp_path.iterdir())
+    assert not (tmp_path / "engine").exists() and not any(p.name.startswith((".engine", ".file")) for p in tmp_path.iterdir())
+    assert (tmp_path / "file").read_text() == "keep"
 
 
 def test_int4_awq_profile_on_narrow_model_is_refused(make_tiny_model, tmp_path, cli):

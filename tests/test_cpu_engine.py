@@ -5,8 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-
 from conftest import save_tiny_model
+
 from toolchain.cpu_engine import CpuEngine, InvalidRequest, build_cpu_engine
 from toolchain.errors import UserError
 
@@ -142,5 +142,5 @@ def test_builder_failure_becomes_one_line_error(tiny_checkpoint, tmp_path):
 
 
 def test_engine_dir_without_engine_is_refused(tmp_path):
-    with pytest.raises(UserError, match="neither an engine directory"):
+    with pytest.raises(UserError, match="not an onnxruntime-genai engine folder"):
         CpuEngine(tmp_path)

@@ -6,12 +6,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import corpus_documents, data_settings
 from transformers import AutoTokenizer
 
-from toolchain.data import iterate_batches, pack_documents, prepare_data, read_documents, shard_rows, split_of_document, txt_documents
+from toolchain.data import (
+    iterate_batches,
+    pack_documents,
+    prepare_data,
+    read_documents,
+    shard_rows,
+    split_of_document,
+    txt_documents,
+)
 from toolchain.errors import UserError
-
-from conftest import corpus_documents, data_settings
 
 
 @pytest.fixture

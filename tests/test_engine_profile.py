@@ -1,4 +1,11 @@
-"""Engine profiles: every shipped one loads; self-contradicting ones are refused with the reason."""
+"""Engine profiles: every shipped one loads (also from a wheel install); self-contradicting ones are refused with the reason."""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import yaml
@@ -47,7 +54,7 @@ def changed(base: dict, **changes) -> dict:
     (changed(GPU_BASE, target="A100", quantization="int8_sq", kv_cache__dtype="fp8", plugins__use_fp8_context_fmha=False), "FP8 on A100"),
     (changed(GPU_BASE, target="TPUv5"), "unknown GPU target 'TPUv5'"),
     (changed(GPU_BASE, dtype="float32"), "dtype float32 on tensorrt-llm"),
-    (changed(GPU_BASE, quantization="int4_rtn"), "int4_rtn is the CPU engine's quantization"),
+    (changed(GPU_BASE, quantization="int4_rtn"), "quantization int4_rtn is not a TensorRT-LLM format"),
     (changed(GPU_BASE, quantization="none", plugins__use_fp8_context_fmha=False), "kv_cache.dtype fp8 is calibrated together"),
     (changed(GPU_BASE, max_num_tokens=None), "max_num_tokens is required"),
     (changed(GPU_BASE, kv_cache__type="continuous"), "use_paged_context_fmha needs context_fmha and a paged KV cache"),
@@ -56,7 +63,8 @@ def changed(base: dict, **changes) -> dict:
     (changed(GPU_BASE, plugins__use_paged_context_fmha=False, plugins__use_fp8_context_fmha=False), "KV block reuse needs"),
     (changed(CPU_BASE, tp=2), "tp=2, pp=1 on a CPU engine"),
     (changed(CPU_BASE, target="H100"), "builds CPU engines, but target is 'H100'"),
-    (changed(CPU_BASE, quantization="fp8"), "quantization fp8 is a ModelOpt format for TensorRT-LLM"),
+    (changed(CPU_BASE, quantization="fp8"), "quantization fp8 is not an onnxruntime-genai format"),
+    (changed(CPU_BASE, backend="openvino"), "backend: unknown backend 'openvino'; use one of tensorrt-llm, onnxruntime-genai"),
     (changed(CPU_BASE, dtype="bfloat16"), "dtype bfloat16 on CPU"),
     (changed(CPU_BASE, max_input_len=4096), "max_input_len 4096 > max_seq_len 2048"),
     (changed(CPU_BASE, max_batch_sise=4), "max_batch_sise: Extra inputs are not permitted"),
@@ -77,3 +85,63 @@ def test_unknown_profile_names_and_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(UserError, match="must be a YAML mapping"):
         load_profile(tmp_path / "list.yaml")
+
+
+def test_overrides_change_any_field_and_are_validated():
+    profile = load_profile("h100-fp8", {"max_batch_size": 2, "kv_cache.dtype": "auto", "plugins.use_fp8_context_fmha": False})
+    assert (profile.max_batch_size, profile.kv_cache.dtype, profile.plugins.use_fp8_context_fmha) == (2, "auto", False)
+    assert profile.kv_cache.tokens_per_block == load_profile("h100-fp8").kv_cache.tokens_per_block  # the rest of the section stays
+    assert load_profile("cpu-fp32", {"cpu_threads": 3}).cpu_threads == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_batch_size": 0}, "invalid engine profile cpu-fp32: profile.max_batch_size: Input should be greater than 0"),
+    ({"kv_cache.dtype": "fp4"}, "profile.kv_cache.dtype: Input should be 'auto' or 'fp8'"),
+    ({"max_batch_sise": 2}, "profile.max_batch_sise: Extra inputs are not permitted"),
+    ({"max_batch_size.limit": 2}, "override max_batch_size.limit: max_batch_size is not a section"),
+    ({"tp": 2}, "tp=2, pp=1 on a CPU engine"),
+])
+def test_bad_overrides_are_one_line_errors_naming_the_field(overrides, message):
+    with pytest.raises(UserError) as caught:
+        load_profile("cpu-fp32", overrides)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_profile_fields_are_flags_of_build_and_fields_of_a_recipe(make_tiny_model, cli, tmp_path):
+    model = make_tiny_model(max_position_embeddings=2048)
+    plan = cli("build", "--profile", "cpu-fp32", "--model", model, "--out", tmp_path / "e", "--dry-run", "--max-batch-size", "2", "--json")
+    assert plan.returncode == 0, plan.stderr
+    bad = cli("build", "--profile", "cpu-fp32", "--model", model, "--out", tmp_path / "e", "--dry-run", "--max-seq-len", "0")
+    assert bad.returncode == 2 and "invalid engine profile cpu-fp32: --max-seq-len: Input should be greater than 0" in bad.stderr
+    nested = cli("build", "--profile", "h100-fp8", "--model", model, "--out", tmp_path / "e", "--dry-run", "--kv-cache-tokens-per-block", "0")
+    assert nested.returncode == 2 and "--kv-cache-tokens-per-block: Input should be greater than 0" in nested.stderr
+    recipe = cli("validate", "smollm2-135m-minitron", "--teacher", model, "--set", "students=[]", "--set", "engine.overrides={max_batch_size: 0}")
+    assert recipe.returncode == 2 and "engine.overrides.max_batch_size: Input should be greater than 0" in recipe.stderr
+
+
+@pytest.mark.slow
+def test_a_wheel_install_finds_the_shipped_profiles(tmp_path, tiny_model):
+    """Build a wheel, install it (no dependencies) into a fresh venv and plan a build there, away from any checkout."""
+    repository = Path(__file__).resolve().parent.parent
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repository / name, source)
+    for name in ("engines", "toolchain"):  # toolchain/engines stays a link to engines/, as in the repository
+        shutil.copytree(repository / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    run = lambda *args, **kwargs: subprocess.run(args, capture_output=True, text=True, timeout=300, **kwargs)  # noqa: E731
+    wheel = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp_path / "dist", source)
+    assert wheel.returncode == 0, wheel.stderr
+    venv = tmp_path / "venv"
+    assert run(sys.executable, "-m", "venv", "--without-pip", venv).returncode == 0
+    install = run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index",
+                  *(tmp_path / "dist").glob("*.whl"))
+    assert install.returncode == 0, install.stderr
+    # torch & co. from this environment's site-packages; PYTHONPATH does not run its .pth files, so no checkout is importable
+    env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}
+    where = run(venv / "bin" / "python", "-c", "import toolchain; print(toolchain.__file__)", env=env, cwd=tmp_path)
+    assert where.stdout.startswith(str(venv)), where.stdout + where.stderr
+    plan = run(venv / "bin" / "minitron", "build", "--profile", "cpu-fp32", "--model", tiny_model, "--out", tmp_path / "engine",
+               "--dry-run", env=env, cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert "profile cpu-fp32 (onnxruntime-genai, cpu)" in plan.stdout and not (tmp_path / "engine").exists()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import cpu, data_settings
+
 from toolchain.data import prepare_data
 from toolchain.evaluate import evaluate, evaluate_model
 from toolchain.models import load_model, load_tokenizer

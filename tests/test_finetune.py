@@ -4,10 +4,9 @@ import json
 import math
 
 import pytest
-
+from conftest import cpu, data_settings
 from transformers import AutoModelForCausalLM
 
-from conftest import cpu, data_settings
 from toolchain.cli import main as cli_main
 from toolchain.finetune import finetune
 from toolchain.settings import EvalConfig, TrainingConfig

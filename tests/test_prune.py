@@ -1,19 +1,19 @@
 """Minitron pruning on tiny random checkpoints: shapes, exactness, importance definitions, reuse, torchrun, bad input."""
 
 import json
-import re
 import os
-from contextlib import contextmanager
+import re
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import cpu, data_settings
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import toolchain.prune
-from conftest import cpu, data_settings
 from toolchain.cli import main as cli_main
 from toolchain.data import prepare_data
 from toolchain.errors import UserError
@@ -28,7 +28,12 @@ from toolchain.prune.importance import (
     select_heads,
     top_indices,
 )
-from toolchain.prune.shapes import ModelShape, parse_layer_list, pruned_config, target_shape
+from toolchain.prune.shapes import (
+    ModelShape,
+    parse_layer_list,
+    pruned_config,
+    target_shape,
+)
 from toolchain.settings import ImportanceConfig, PruneConfig
 
 SEQ_LEN = 32

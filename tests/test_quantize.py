@@ -4,9 +4,9 @@ import json
 import math
 
 import pytest
+from conftest import cpu, data_settings
 from safetensors import safe_open
 
-from conftest import cpu, data_settings
 from toolchain.data import prepare_data
 from toolchain.errors import UserError
 from toolchain.evaluate import evaluate_model

@@ -4,7 +4,12 @@ import pytest
 import yaml
 
 from toolchain.errors import UserError
-from toolchain.recipe import builtin_recipe_names, describe_plan, load_recipe, schema_reference
+from toolchain.recipe import (
+    builtin_recipe_names,
+    describe_plan,
+    load_recipe,
+    schema_reference,
+)
 
 
 def test_builtin_recipes_exist():
@@ -54,8 +59,10 @@ def test_recipe_file_and_errors(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"name": "mine", "students": [{"name": "a", "prune": {"num_layers": 2}}]}))
     assert load_recipe(str(path)).students[0].prune.num_layers == 2
-    with pytest.raises(UserError, match="neither a file nor a built-in"):
+    with pytest.raises(UserError, match="recipe file .*missing.yaml does not exist.*smollm2-135m-minitron"):
         load_recipe(str(tmp_path / "missing.yaml"))
+    with pytest.raises(UserError, match="unknown recipe 'no-such-recipe'"):
+        load_recipe("no-such-recipe")
     path.write_text("name: mine\nstudents:\n  - name: a\n    prune: {num_layers: 2\n")
     with pytest.raises(UserError, match="not valid YAML at line 5, column 1"):
         load_recipe(str(path))
@@ -71,10 +78,12 @@ def test_schema_documents_every_field():
     assert all(description for _, _, description in rows)
 
 
+TINY_TARGETS = ["--set", "data.seq_len=32", "--set", "students.width.prune.hidden_size=32", "--set", "students.width.prune.ffn_hidden_size=64",
+                "--set", "students.depth.prune.num_layers=2"]
+
+
 def test_cli_validate_checks_teacher_data_targets_and_profile(cli, tiny_model, corpus_jsonl, tmp_path):
-    ok = cli("validate", "smollm2-135m-minitron", "--teacher", tiny_model, "--data", corpus_jsonl, "--set", "data.seq_len=32",
-             "--set", "students.width.prune.hidden_size=32", "--set", "students.width.prune.ffn_hidden_size=64",
-             "--set", "students.depth.prune.num_layers=2")
+    ok = cli("validate", "smollm2-135m-minitron", "--teacher", tiny_model, "--data", corpus_jsonl, *TINY_TARGETS)
     assert ok.returncode == 0, ok.stderr
     assert "inputs: teacher, data, student targets and engine profile checked" in ok.stdout and str(tiny_model) in ok.stdout
     cases = {
@@ -88,7 +97,7 @@ def test_cli_validate_checks_teacher_data_targets_and_profile(cli, tiny_model, c
     for flag, message in cases.items():
         base = {"--teacher": tiny_model, "--data": corpus_jsonl}
         args = [arg for key, value in base.items() if key != flag[0] for arg in (key, value)]
-        result = cli("validate", "smollm2-135m-minitron", "--set", "students.width.prune.hidden_size=32", *args, *flag)
+        result = cli("validate", "smollm2-135m-minitron", *TINY_TARGETS, *args, *flag)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (flag, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
 

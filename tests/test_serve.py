@@ -1,8 +1,8 @@
 """`minitron serve` / `minitron generate` against a real Triton server (nvidia-pytriton's) on a tiny CPU engine.
 
-One server per session, started through the CLI exactly as a user would, on free 127.0.0.1 ports;
-the last test stops it and checks nothing is left behind. Repository writing and the refusals need
-no server.
+One server per session, started by `serving` (the lifecycle `minitron serve` and `minitron bench`
+use) on free 127.0.0.1 ports; one more started through the CLI exactly as a user would, stopped with
+SIGTERM and checked for leftovers. Repository writing and the refusals need no server.
 """
 
 import os
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli, save_tiny_model, write_engine_manifest
 
-from conftest import run_cli, save_tiny_model
+from toolchain.errors import UserError
 from toolchain.generate import GenerationError, generate_text
-from toolchain.manifest import write_manifest
+from toolchain.settings import ServeConfig
 
 pytest.importorskip("pytriton")
 pytest.importorskip("onnxruntime_genai")
@@ -30,17 +31,6 @@ pytest.importorskip("onnxruntime_genai")
 MAX_INPUT_LEN = 48
 PROMPTS = ["Document 3. the model reads", "the server packs ten tokens", "a student distills the logits number",
            "Document 12.", "every layer exports", "the cache", "one batch writes a sequence number 4.", "the teacher"]
-
-
-def write_engine_manifest(engine_dir: Path, profile_name: str, backend: str, model_dir: str, built: bool = True, **limits) -> None:
-    from toolchain.engine_profile import load_profile
-
-    profile = load_profile(profile_name)
-    write_manifest(engine_dir, backend=backend, profile_name=profile.name, profile=profile.model_dump(mode="json"),
-                   source_model="tiny", source_fingerprint="0" * 16, model_dir=model_dir, built=built,
-                   max_batch_size=limits.get("max_batch_size", profile.max_batch_size),
-                   max_input_len=limits.get("max_input_len", profile.max_input_len),
-                   max_seq_len=limits.get("max_seq_len", profile.max_seq_len), seconds=0.0)
 
 
 @pytest.fixture(scope="session")
@@ -88,9 +78,11 @@ class ServeProcess:
 
 @pytest.fixture(scope="session")
 def server(cpu_engine_dir):
-    running = ServeProcess(cpu_engine_dir)
-    yield running
-    running.stop()
+    """The endpoints of a Triton server on the engine for the whole session."""
+    from toolchain.serve import serving
+
+    with serving(cpu_engine_dir, ServeConfig(threads=1)) as running:
+        yield running.endpoints
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +90,8 @@ def local_engine(cpu_engine_dir):
     """The same engine run in this process: the reference for what Triton returns."""
     from toolchain.cpu_engine import CpuEngine
 
-    with CpuEngine(cpu_engine_dir, threads=1) as engine:
+    with CpuEngine(cpu_engine_dir / "model", threads=1, tokenizer_dir=cpu_engine_dir / "tokenizer", max_input_len=MAX_INPUT_LEN,
+                   max_seq_len=128) as engine:
         yield engine
 
 
@@ -197,6 +190,35 @@ def test_generate_cli_prints_text(server, in_process_greedy):
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "empty prompt" in refused.stderr
 
 
+def test_generate_names_the_wrong_protocol_or_port(server):
+    nothing = f"127.0.0.1:{free_port()}"
+    for url, protocol, reason in ((server.grpc, "http", "the port answered, but not in HTTP/1.1"), (server.http, "grpc", "failed to connect"),
+                                  (nothing, "grpc", "Connection refused"), (nothing, "http", "Connection refused")):
+        result = run_cli("generate", "--url", url, "--protocol", protocol, "--prompt", "the model", "--max-tokens", "4")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+        name, other = ("HTTP", "grpc") if protocol == "http" else ("gRPC", "http")
+        assert f"found no Triton {name} endpoint at {url}" in result.stderr and reason in result.stderr
+        assert "is the server running" in result.stderr and f"its {name} port" in result.stderr and f"--protocol {other}" in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grpc-port", "70000"], "invalid --grpc-port: Input should be less than or equal to 65535"),
+    (["--http-port", "0"], "invalid --http-port: Input should be greater than or equal to 1"),
+    (["--instances", "0"], "invalid --instances: Input should be greater than 0"),
+    (["--host", "999.1.1.1"], "cannot bind --host 999.1.1.1"),
+    (["--host", "192.0.2.1"], "cannot bind --host 192.0.2.1"),  # a valid address, but not this machine's
+])
+def test_serve_refuses_bad_addresses_in_one_line(cpu_engine_dir, args, message):
+    result = run_cli("serve", "--engine", cpu_engine_dir, *args)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
 def test_serve_refuses_engine_dir_without_manifest(tmp_path):
     result = run_cli("serve", "--engine", tmp_path)
     assert result.returncode == 2 and "no manifest.json" in result.stderr and result.stderr.count("\n") == 1
@@ -219,8 +241,21 @@ def test_repo_only_writes_the_cpu_repository(cpu_engine_dir, tmp_path):
     config = text_format.Parse((tmp_path / "repo" / "ensemble" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.backend == "python" and config.max_batch_size == 4 and config.model_transaction_policy.decoupled
     assert config.instance_group[0].count == 2
-    assert config.parameters["engine_dir"].string_value == str(cpu_engine_dir.resolve())
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert parameters["model_dir"] == str((cpu_engine_dir / "model").resolve())
+    assert parameters["tokenizer_dir"] == str((cpu_engine_dir / "tokenizer").resolve())
+    assert (parameters["max_input_len"], parameters["max_seq_len"], parameters["engine_max_batch_size"]) == (str(MAX_INPUT_LEN), "128", "4")
     assert "TritonPythonModel" in (tmp_path / "repo" / "ensemble" / "1" / "model.py").read_text()
+
+
+def test_repo_only_refuses_a_used_folder_naming_what_serve_accepts(cpu_engine_dir, tmp_path):
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "mine.txt").write_text("keep")
+    result = run_cli("serve", "--engine", cpu_engine_dir, "--repo-only", tmp_path / "repo")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--repo-only" in result.stderr and "new or empty directory" in result.stderr
+    assert "--overwrite" not in result.stderr and "--out" not in result.stderr
+    assert [p.name for p in (tmp_path / "repo").iterdir()] == ["mine.txt"] and (tmp_path / "repo" / "mine.txt").read_text() == "keep"
 
 
 @pytest.fixture
@@ -263,16 +298,31 @@ def test_repo_only_writes_the_tensorrt_llm_inflight_batching_layout(trtllm_engin
         assert "TritonPythonModel" in (tmp_path / "repo" / name / "1" / "model.py").read_text()
 
 
+def test_a_tensorrt_llm_repository_serves_one_engine_as_ensemble(trtllm_engine_dir, tmp_path):
+    from toolchain.backends import engine_backend
+    from toolchain.manifest import read_manifest
+
+    manifest = read_manifest(trtllm_engine_dir)
+    (tmp_path / "repo").mkdir()
+    with pytest.raises(UserError, match="served as model 'ensemble'.*'student' is not possible"):
+        engine_backend(manifest.backend).write_repository(trtllm_engine_dir, manifest, tmp_path / "repo", "student", 1, 8, None)
+    assert list((tmp_path / "repo").iterdir()) == []
+
+
 def test_serve_refuses_to_start_a_tensorrt_llm_engine_here(trtllm_engine_dir):
     result = run_cli("serve", "--engine", trtllm_engine_dir)
     assert result.returncode == 2 and "--repo-only" in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_stop_leaves_no_process_or_shared_memory_behind(server):
-    """Last test of the session server: SIGTERM `minitron serve` and look for leftovers."""
+def test_serve_in_the_foreground_answers_and_stops_on_sigterm_leaving_nothing(cpu_engine_dir, in_process_greedy):
+    """`minitron serve` as a user runs it: ready, answers, then SIGTERM and look for leftovers."""
+    server = ServeProcess(cpu_engine_dir)
     segments = lambda: list(Path("/dev/shm").glob(f"*minitron{server.process.pid}-*"))  # noqa: E731
-    assert segments(), "the running server should hold python-backend shared memory"
-    output = server.stop()
+    try:
+        assert "".join(generate_text(server.grpc, PROMPTS[5], 6)) == in_process_greedy(PROMPTS[5], 6)
+        assert segments(), "the running server should hold python-backend shared memory"
+    finally:
+        output = server.stop()
     assert server.process.returncode == 0, output
     assert "stopped; no process or shared-memory segment left" in output
     with pytest.raises(ProcessLookupError):

@@ -113,3 +113,10 @@ def test_validate_checkpoint_cli(checkpoint, cli, tmp_path):
     not_a_checkpoint = cli("validate-checkpoint", tmp_path)
     assert not_a_checkpoint.returncode == 2
     assert not_a_checkpoint.stderr.strip().count("\n") == 0 and "has no config.json" in not_a_checkpoint.stderr
+    hugging_face = cli("validate-checkpoint", model_dir)
+    assert hugging_face.returncode == 2 and hugging_face.stderr.strip().count("\n") == 0
+    assert "is a Hugging Face checkpoint" in hugging_face.stderr and f"minitron export {model_dir} --format trtllm" in hugging_face.stderr
+    assert "lacks" not in hugging_face.stderr
+    (tmp_path / "config.json").write_text("[1, 2]")
+    a_list = cli("validate-checkpoint", tmp_path)
+    assert a_list.returncode == 2 and "not a JSON object" in a_list.stderr and "Traceback" not in a_list.stderr

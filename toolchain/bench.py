@@ -8,27 +8,30 @@ each), `output_len` new tokens asked for greedily, streamed over gRPC by `concur
 genai-perf report: request throughput, output tokens/s, time to first token (TTFT), inter-token
 latency (ITL) and end-to-end latency, each as mean/p50/p90/p99, and the ratio of every target to the
 first one (the teacher). It does not tune or warm the server beyond one request per target.
+A target whose requests failed more often than `max_error_rate` (default 0) fails the benchmark:
+exit 2, saying how many failed, nothing written.
 """
 
 import contextlib
 import json
 import math
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolchain.backends import engine_backend
 from toolchain.data import prepare_data
-from toolchain.errors import UserError
-from toolchain.generate import GenerationError, generate_text
+from toolchain.errors import UserError, setting
+from toolchain.generate import GenerationError, ServerUnreachable, generate_text
 from toolchain.manifest import read_manifest
 from toolchain.models import load_tokenizer
-from toolchain.paths import atomic_write_text
+from toolchain.paths import atomic_write_text, check_output_location
+from toolchain.settings import BenchConfig, DataConfig, ServeConfig
 
 PERCENTILES = (50, 90, 99)
+BENCH_FILE = "bench.json"
 
 
 @dataclass
@@ -52,9 +55,9 @@ def summarize(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), **{f"p{q}": percentile(values, q) for q in PERCENTILES}}
 
 
-def workload_prompts(tokenizer, data: str, input_len: int, count: int) -> list[str]:
+def workload_prompts(tokenizer, data: DataConfig, input_len: int, count: int) -> list[str]:
     """`count` prompts of `input_len` tokens of real text from the eval split (cycled if it is short)."""
-    rows = prepare_data(data, tokenizer, input_len).split("eval")
+    rows = prepare_data(data.model_copy(update={"seq_len": input_len}), tokenizer).split("eval")
     return [tokenizer.decode(rows[i % len(rows)].tolist(), skip_special_tokens=True) for i in range(count)]
 
 
@@ -64,7 +67,7 @@ def one_request(url: str, prompt: str, output_len: int) -> RequestTiming:
         for piece in generate_text(url, prompt, max_tokens=output_len, stream=True, protocol="grpc"):
             timing.first_response = timing.first_response or time.perf_counter()
             timing.pieces += 1
-    except (GenerationError, ConnectionError) as exc:
+    except (GenerationError, ServerUnreachable) as exc:
         timing.error = str(exc)
     timing.finished = time.perf_counter()
     return timing
@@ -118,72 +121,81 @@ def run_level(url: str, prompts: list[str], output_len: int, concurrency: int) -
 
 @contextlib.contextmanager
 def served(target: str, threads: int | None, max_batch_size: int):
-    """Yield the gRPC URL of a target: a running server as given, or a Triton started on an engine dir."""
+    """Yield the gRPC URL of a target: a running server as given, or a Triton started on an engine dir for the block."""
     if not Path(target).is_dir():
         yield target
         return
-    from toolchain.serve.repository import write_model_repository
-    from toolchain.serve.server import TritonServer, choose_endpoints
+    from toolchain.serve import serving
 
-    manifest = read_manifest(Path(target))
-    if manifest.backend != "onnxruntime-genai":
-        raise UserError(f"{target} is a TensorRT-LLM engine: serve it in NVIDIA's Triton container and pass its gRPC HOST:PORT instead")
-    workspace = Path(tempfile.mkdtemp(prefix="minitron-bench-"))
-    server = TritonServer(workspace / "repository", workspace, choose_endpoints("127.0.0.1", None, None, None))
-    try:
-        write_model_repository(Path(target), manifest, server.repository, 1, max_batch_size, threads)
-        try:
-            server.start()
-        except RuntimeError as exc:
-            raise UserError(f"Triton did not start on {target}: {exc}".replace("\n", " | ")) from None
-        yield server.endpoints.grpc
-    finally:
-        server.stop()
-        shutil.rmtree(workspace, ignore_errors=True)
+    with serving(Path(target), ServeConfig(threads=threads, max_batch_size=max_batch_size)) as running:
+        yield running.endpoints.grpc
 
 
-def bench(targets: list[str], tokenizer: str | None = None, data: str = "builtin:python-docs", input_len: int = 128, output_len: int = 64,
-          concurrency: list[int] = (1, 4), requests: int = 16, threads: int | None = 1, max_batch_size: int = 8,
-          out: Path | None = None, labels: list[str] | None = None) -> dict:
-    """Measure every target with the same workload; the first target is the baseline of the ratios."""
+def check_targets(targets: list[str]) -> dict:
+    """Refuse, before any server starts, targets that are neither engine directories served here nor HOST:PORT URLs.
+
+    Returns the manifests of the engine directories among them, in order."""
+    manifests = {}
+    for target in targets:
+        if Path(target).is_dir():
+            manifests[target] = read_manifest(Path(target))
+            reason = engine_backend(manifests[target].backend).unavailable_reason()
+            if reason is not None:
+                raise UserError(f"bench target {target} cannot be served here: {reason}; serve it where it runs and pass its gRPC HOST:PORT instead")
+        elif ":" not in target:
+            raise UserError(f"bench target {target!r} is neither an engine directory nor a HOST:PORT URL")
+    return manifests
+
+
+def check_error_rate(label: str, levels: list[dict], max_error_rate: float) -> None:
+    requests = sum(level["requests"] for level in levels)
+    failed = sum(level["errors"] for level in levels)
+    if requests and failed / requests > max_error_rate:
+        example = next(error for level in levels for error in level["error_examples"])
+        raise UserError(f"{failed} of {requests} requests to {label} failed, e.g.: {example} -- nothing was written; fix the target, "
+                        f"or set {setting('bench.max_error_rate')} (a share in [0, 1]) to accept failed requests")
+
+
+def bench(targets: list[str], settings: BenchConfig, data: DataConfig, serve: ServeConfig, tokenizer: str | None = None,
+          labels: list[str] | None = None, out: Path | None = None) -> dict:
+    """Measure every target with the same workload; the first target is the baseline of the ratios.
+
+    Prompts come from the eval split of `data`; engine directories are served with `serve`'s batch and
+    `settings.threads`. A target with more than `settings.max_error_rate` of its requests failed stops
+    the benchmark with a UserError, and nothing is written.
+    """
+    input_len, output_len, requests, concurrency = settings.input_len, settings.output_len, settings.requests, settings.concurrency
+    threads, max_error_rate = settings.threads, settings.max_error_rate
     if not targets:
         raise UserError("name at least one target: an engine directory or a running server's gRPC HOST:PORT")
     labels = labels or [target.rstrip("/") for target in targets]
     if len(labels) != len(targets):
         raise UserError(f"--labels names {len(labels)} targets but {len(targets)} were given")
-    if input_len <= 0 or output_len <= 0 or requests <= 0 or any(c <= 0 for c in concurrency):
-        raise UserError("--input-len, --output-len, --requests and --concurrency must be positive")
-    for target in targets:  # every target checked before any server starts
-        if Path(target).is_dir():
-            read_manifest(Path(target))
-        elif ":" not in target:
-            raise UserError(f"bench target {target!r} is neither an engine directory nor a HOST:PORT URL")
-    tokenizer_source = tokenizer or next((str(Path(t) / read_manifest(Path(t)).tokenizer_dir) for t in targets if Path(t).is_dir()), None)
-    if tokenizer_source is None:
+    if out is not None:
+        check_output_location(Path(out), "--out", overwrite=True)  # its files are replaced one by one, atomically
+    manifests = check_targets(targets)
+    if tokenizer is not None:
+        prompt_tokenizer = load_tokenizer(tokenizer)
+    elif manifests:
+        first, manifest = next(iter(manifests.items()))
+        prompt_tokenizer = engine_backend(manifest.backend).load_tokenizer(Path(first), manifest)
+    else:
         raise UserError("with only URL targets, pass --tokenizer (a model directory or built-in name) to cut the prompts")
-    prompts = workload_prompts(load_tokenizer_or_dir(tokenizer_source), data, input_len, requests)
-    results = {"workload": {"data": data, "input_len": input_len, "output_len": output_len, "requests": requests,
-                            "concurrency": list(concurrency), "engine_threads": threads}, "targets": []}
+    prompts = workload_prompts(prompt_tokenizer, data, input_len, requests)
+    results = {"workload": {"data": data.spec, "input_len": input_len, "output_len": output_len, "requests": requests,
+                            "concurrency": list(concurrency), "engine_threads": threads, "max_error_rate": max_error_rate}, "targets": []}
     for target, label in zip(targets, labels):
-        with served(target, threads, max_batch_size) as url:
+        with served(target, threads, serve.max_batch_size) as url:
             one_request(url, prompts[0], 4)  # warm-up: first-request costs are not the engine's speed
             levels = [run_level(url, prompts, output_len, level) for level in concurrency]
+        check_error_rate(label, levels, max_error_rate)
         results["targets"].append({"target": target, "label": label, "levels": levels})
     add_ratios(results)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(out) / "bench.json", json.dumps(results, indent=2))
+        atomic_write_text(Path(out) / BENCH_FILE, json.dumps(results, indent=2))
         atomic_write_text(Path(out) / "bench.md", format_bench(results))
     return results
-
-
-def load_tokenizer_or_dir(source: str):
-    """A tokenizer from a model directory/built-in, or from an engine's bare tokenizer/ folder."""
-    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(source)
-    return load_tokenizer(source)
 
 
 def add_ratios(results: dict) -> None:
@@ -224,23 +236,24 @@ def format_ratio(value: float | None) -> str:
 
 
 def configure_parser(parser) -> None:
+    from toolchain.cli_args import add_recipe_source, add_section_flags
+
     parser.add_argument("targets", nargs="+", help="engine directories (a Triton server is started on each) or running servers' gRPC HOST:PORT; "
                                                   "the first is the baseline (the teacher)")
     parser.add_argument("--tokenizer", help="tokenizer for the prompts (default: the first engine's)")
-    parser.add_argument("--data", default="builtin:python-docs", help="where the prompts come from (eval split; default builtin:python-docs)")
-    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens (default 128)")
-    parser.add_argument("--output-len", type=int, default=64, help="new tokens asked for (default 64; EOS may end a request earlier)")
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4], help="comma-separated client counts (default 1,4)")
-    parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level (default 16)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU engine threads (default 1, pinned for stable numbers)")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="largest batch the server forms (default 8)")
     parser.add_argument("--labels", type=lambda s: s.split(","), help="comma-separated names of the targets in the tables (default: as given)")
     parser.add_argument("--out", type=Path, help="write bench.json and bench.md into this directory")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    add_recipe_source(parser)
+    add_section_flags(parser, "bench", exclude=("enabled",))
+    add_section_flags(parser, "data", title="data settings (the prompts come from its eval split)")
+    add_section_flags(parser, "serve", exclude=("host", "http_port", "grpc_port", "metrics_port", "threads"))
 
 
 def command(args) -> int:
-    results = bench(args.targets, args.tokenizer, args.data, args.input_len, args.output_len, args.concurrency, args.requests,
-                    args.threads, args.max_batch_size, args.out, args.labels)
+    from toolchain.cli_args import sections_from_args
+
+    settings, data, serve = sections_from_args(args, "bench", "data", "serve")
+    results = bench(args.targets, settings, data, serve, tokenizer=args.tokenizer, labels=args.labels, out=args.out)
     print(json.dumps(results, indent=2) if args.json else format_bench(results))
     return 0

@@ -122,6 +122,11 @@ def given_flags(args: argparse.Namespace, key: str) -> dict:
     return values
 
 
+def flat_flags(args: argparse.Namespace, key: str) -> dict:
+    """The fields of section `key` set on the command line, by dotted name ({"kv_cache.dtype": "auto"})."""
+    return {dest[len(key) + 1:]: value for dest, value in vars(args).items() if dest.startswith(f"{key}.")}
+
+
 def merge(base: dict, top: dict) -> dict:
     merged = dict(base)
     for name, value in top.items():

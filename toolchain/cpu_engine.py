@@ -10,7 +10,9 @@ PagedAttention, which exists only for CUDA/WebGPU. On CPU its Engine uses *stati
 are padded) and finish one by one; requests that arrive meanwhile wait for that batch to drain. Per-request
 seeds are not supported there either, so a seeded sampling request runs alone on its own generator.
 
-This is not a TensorRT-LLM engine (see toolchain/build.py for those) and not a tokenizer service: it
+It reads onnxruntime-genai folders, not engine directories: the onnxruntime-genai backend
+(toolchain/backends/onnxruntime_genai.py) passes the folder, tokenizer and limits named by a manifest.
+This is not a TensorRT-LLM engine (toolchain/backends/tensorrt_llm.py) and not a tokenizer service: it
 takes and yields token ids; `encode`/`decode`/`stream_text` use the model's Hugging Face tokenizer, so
 text matches transformers exactly (onnxruntime-genai's own tokenizer garbles invalid UTF-8 sequences).
 """
@@ -96,22 +98,6 @@ class EngineLimits:
     eos_token_ids: tuple[int, ...]
 
 
-def locate_engine(path: Path) -> tuple[Path, Path, int | None, int | None]:
-    """(onnxruntime-genai folder, tokenizer folder, manifest max_input_len, max_seq_len) of an engine directory or bare folder."""
-    from toolchain.manifest import MANIFEST_FILE, read_manifest
-
-    path = Path(path)
-    if (path / MANIFEST_FILE).is_file():
-        manifest = read_manifest(path)
-        if manifest.backend != "onnxruntime-genai":
-            raise UserError(f"{path} holds a {manifest.backend} engine, not a CPU engine; serve it with Triton's tensorrtllm backend on a GPU")
-        return path / manifest.model_dir, path / manifest.tokenizer_dir, manifest.max_input_len, manifest.max_seq_len
-    if (path / GENAI_CONFIG).is_file():  # the builder copies the tokenizer files beside the model
-        return path, path, None, None
-    raise UserError(f"{path} is neither an engine directory (manifest.json) nor an onnxruntime-genai folder ({GENAI_CONFIG}); "
-                    "build one with `minitron build --profile engines/cpu-fp32.yaml`")
-
-
 @dataclass
 class Submission:
     """One request on its way to the engine thread, and the queue its tokens come back on."""
@@ -134,18 +120,25 @@ FINISHED, CLOSE = object(), object()
 class CpuEngine:
     """An onnxruntime-genai model served by one engine thread that batches every concurrent `generate`."""
 
-    def __init__(self, engine_dir: Path | str, threads: int | None = None, max_batch_size: int = 8):
+    def __init__(self, model_dir: Path | str, threads: int | None = None, max_batch_size: int = 8, tokenizer_dir: Path | str | None = None,
+                 max_input_len: int | None = None, max_seq_len: int | None = None):
+        """`model_dir`: an onnxruntime-genai folder; `tokenizer_dir`: its Hugging Face tokenizer (default: `model_dir`,
+        where the builder copies it); `max_input_len`/`max_seq_len`: the engine directory's limits (its manifest's),
+        capped by the model's context length."""
         import onnxruntime_genai as og
 
         self._og = og
         from transformers import AutoTokenizer
 
-        self.model_dir, tokenizer_dir, manifest_input_len, manifest_seq_len = locate_engine(Path(engine_dir))
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / GENAI_CONFIG).is_file():
+            raise UserError(f"{self.model_dir} is not an onnxruntime-genai engine folder (no {GENAI_CONFIG}); "
+                            "build an engine directory with `minitron build --profile cpu-fp32`")
         genai = json.loads((self.model_dir / GENAI_CONFIG).read_text())["model"]
         context = int(genai["context_length"])
         eos = genai.get("eos_token_id")
-        max_seq_len = min(context, manifest_seq_len or context)
-        self.limits = EngineLimits(max_input_len=min(manifest_input_len or max_seq_len - 1, max_seq_len - 1), max_seq_len=max_seq_len,
+        max_seq_len = min(context, max_seq_len or context)
+        self.limits = EngineLimits(max_input_len=min(max_input_len or max_seq_len - 1, max_seq_len - 1), max_seq_len=max_seq_len,
                                    vocab_size=int(genai["vocab_size"]), eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]))
         self.threads = threads
         self.max_batch_size = max_batch_size
@@ -155,7 +148,7 @@ class CpuEngine:
         config = og.Config(str(self.model_dir))
         config.overlay(json.dumps(overlay))
         self.model = og.Model(config)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or self.model_dir, trust_remote_code=False)
         self._inbox: queue.Queue = queue.Queue()
         self._closed = False
         self._thread = threading.Thread(target=self._run_engine, name="cpu-engine", daemon=True)

@@ -26,9 +26,20 @@ import torch
 
 from toolchain.errors import UserError, setting
 from toolchain.modelopt_compat import modelopt
-from toolchain.models import load_model, read_config, resolve_dtype, resolve_model_dir, save_tokenizer
+from toolchain.models import (
+    load_model,
+    read_config,
+    resolve_dtype,
+    resolve_model_dir,
+    save_tokenizer,
+)
 from toolchain.paths import atomic_output_dir, check_output_location, directory_bytes
-from toolchain.quantize import check_quantizable, is_quantized_checkpoint, load_quantized_model, quantized_format
+from toolchain.quantize import (
+    check_quantizable,
+    is_quantized_checkpoint,
+    load_quantized_model,
+    quantized_format,
+)
 from toolchain.settings import ExportConfig
 from toolchain.trtllm_checkpoint import check_parallelism, validate_checkpoint
 

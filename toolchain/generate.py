@@ -3,10 +3,13 @@
 `generate_text` is the one client of the `ensemble` interface (text_input, max_tokens, stream,
 temperature, top_k, top_p, end_id, seed -> text_output) and is what tests and benchmarks use too.
 gRPC goes through tritonclient's streaming API (the only way to reach a decoupled model over gRPC);
-HTTP uses Triton's `generate` / `generate_stream` (server-sent events) endpoints. Not a server, not a
-tokenizer: it sends text and yields text pieces.
+HTTP uses Triton's `generate` / `generate_stream` (server-sent events) endpoints. A refusal by the
+server is a GenerationError; nothing answering (no server, wrong port, the other protocol's port) is
+ServerUnreachable, whose message says what to check. Not a server, not a tokenizer: it sends text and
+yields text pieces.
 """
 
+import http.client
 import json
 import queue
 import sys
@@ -22,6 +25,23 @@ from toolchain.errors import UserError
 
 class GenerationError(RuntimeError):
     """The server answered the request with an error (its message names the problem)."""
+
+
+class ServerUnreachable(ConnectionError):
+    """No Triton server answered at the URL over the protocol."""
+
+
+PROTOCOL_NAMES = {"grpc": "gRPC", "http": "HTTP"}
+
+
+def other_protocol(protocol: str) -> str:
+    return "http" if protocol == "grpc" else "grpc"
+
+
+def unreachable(url: str, protocol: str, reason: str) -> ServerUnreachable:
+    name, other = PROTOCOL_NAMES[protocol], PROTOCOL_NAMES[other_protocol(protocol)]
+    return ServerUnreachable(f"found no Triton {name} endpoint at {url} ({reason}); is the server running (`minitron serve`), "
+                             f"and is {url} its {name} port, not its {other} one?")
 
 
 def request_fields(prompt: str, max_tokens: int, stream: bool, temperature: float, top_k: int, top_p: float,
@@ -49,6 +69,13 @@ def generate_grpc(url: str, model: str, fields: dict, timeout_s: float) -> Itera
         tensor = grpcclient.InferInput(name, [1, 1], datatype)
         tensor.set_data_from_numpy(np.array([[value.encode() if isinstance(value, str) else value]], dtype=dtype))
         inputs.append(tensor)
+    def failure(error) -> Exception:
+        if not isinstance(error, InferenceServerException):
+            return GenerationError(str(error))
+        if error.status() == "StatusCode.UNAVAILABLE":  # nothing, or no gRPC server, listens there
+            return unreachable(url, "grpc", error.message())
+        return GenerationError(error.message())
+
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     try:
@@ -61,7 +88,7 @@ def generate_grpc(url: str, model: str, fields: dict, timeout_s: float) -> Itera
             except queue.Empty:
                 raise GenerationError(f"no response from {url} within {timeout_s:.0f} s") from None
             if error is not None:
-                raise GenerationError(error.message() if isinstance(error, InferenceServerException) else str(error))
+                raise failure(error)
             text = result.as_numpy("text_output")
             if text is not None:
                 yield "".join(piece.decode("utf-8", errors="replace") for piece in text.reshape(-1))
@@ -69,7 +96,7 @@ def generate_grpc(url: str, model: str, fields: dict, timeout_s: float) -> Itera
                 return
     except InferenceServerException as exc:  # the reason, if any, went to the callback (e.g. connection refused)
         reported = [error for _, error in list(responses.queue) if error is not None]
-        raise GenerationError((reported[0] if reported else exc).message()) from None
+        raise failure(reported[0] if reported else exc) from None
     finally:
         client.stop_stream(cancel_requests=True)
         client.close()
@@ -102,6 +129,11 @@ def generate_http(url: str, model: str, fields: dict, timeout_s: float) -> Itera
                 yield event.get("text_output", "")
     except urllib.error.HTTPError as exc:
         raise GenerationError(http_error(exc)) from None
+    except TimeoutError:
+        raise GenerationError(f"no response from {url} within {timeout_s:.0f} s") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        talks_other = isinstance(exc, http.client.BadStatusLine) and not isinstance(exc, ConnectionError)
+        raise unreachable(url, "http", "the port answered, but not in HTTP/1.1" if talks_other else str(getattr(exc, "reason", exc))) from None
 
 
 def generate_text(url: str, prompt: str, max_tokens: int = 64, stream: bool = False, protocol: str = "grpc", model: str = "ensemble",
@@ -140,7 +172,8 @@ def command(args) -> int:
             sys.stdout.flush()
     except GenerationError as exc:
         raise UserError(f"request failed: {exc}".replace("\n", " ")) from None
-    except (ConnectionError, urllib.error.URLError) as exc:
-        raise UserError(f"cannot reach a Triton server at {args.url} over {args.protocol} ({exc}); start one with `minitron serve`") from None
+    except ServerUnreachable as exc:
+        other = other_protocol(args.protocol)
+        raise UserError(f"{exc} (--protocol {other} talks to the {PROTOCOL_NAMES[other]} port)".replace("\n", " ")) from None
     sys.stdout.write("\n")
     return 0

@@ -5,9 +5,9 @@ and the benchmarks read it instead of guessing. Layout of an engine directory:
 
     manifest.json      this file
     tokenizer/         Hugging Face tokenizer files of the source model
-    <model_dir>/       the runnable engine: an onnxruntime-genai folder (backend onnxruntime-genai)
+    engine/            the runnable engine (`model_dir`): an onnxruntime-genai folder (backend onnxruntime-genai)
                        or a TensorRT-LLM engine folder with config.json + rank{N}.engine (tensorrt-llm)
-    checkpoint/        TensorRT-LLM checkpoint (tensorrt-llm only)
+    ...                what the backend keeps beside it (tensorrt-llm: checkpoint/, build.sh, build_config.json)
 """
 
 import json
@@ -15,7 +15,6 @@ import platform
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,6 +22,8 @@ from toolchain.errors import UserError
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
+ENGINE_DIR = "engine"
+TOKENIZER_DIR = "tokenizer"
 RECORDED_LIBRARIES = ("minitron-toolchain", "torch", "transformers", "nvidia-modelopt", "onnxruntime", "onnxruntime-genai", "tensorrt_llm", "nvidia-pytriton")
 
 
@@ -30,17 +31,20 @@ class EngineManifest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     format_version: int = MANIFEST_FORMAT_VERSION
-    backend: Literal["onnxruntime-genai", "tensorrt-llm"]
+    backend: str = Field(description="Engine backend (toolchain/backends/): tensorrt-llm or onnxruntime-genai.")
     profile_name: str
-    profile: dict
+    profile: dict = Field(description="The profile the engine was built with, its limits fitted to the model.")
+    profile_limits: dict[str, int] | None = Field(
+        None, description="The profile's own max_seq_len and max_input_len when the model's max_position_embeddings lowered them.")
     source_model: str
     source_fingerprint: str
     model_dir: str = Field(description="Runnable engine folder, relative to the engine directory.")
-    tokenizer_dir: str = Field("tokenizer", description="Tokenizer folder, relative to the engine directory.")
+    tokenizer_dir: str = Field(TOKENIZER_DIR, description="Tokenizer folder, relative to the engine directory.")
     built: bool = Field(description="False when the TensorRT-LLM build is left to the printed command.")
     max_batch_size: int
     max_input_len: int
     max_seq_len: int
+    smoke_text: str | None = Field(None, description="What the engine generated in the build's smoke check; None when none ran.")
     libraries: dict[str, str | None]
     platform: str
     seconds: float

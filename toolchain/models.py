@@ -205,9 +205,13 @@ def load_config(model: str | Path):
 
 
 def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
+    return read_tokenizer(resolve_model_dir(model), trust_remote_code)
+
+
+def read_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer saved in a folder (a model's, or an engine directory's tokenizer/), refused without an EOS token."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_dir(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -18,32 +18,32 @@ def cache_dir() -> Path:
     """Root of every cache (converted built-in models, tokenized data); `MINITRON_CACHE` overrides it."""
     if os.environ.get("MINITRON_CACHE"):
         root = Path(os.environ["MINITRON_CACHE"]).expanduser()
-        source = f"MINITRON_CACHE={root}"
+        source = "MINITRON_CACHE"
     else:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minitron"
-        source = f"the cache directory {root}"
+        source = "the cache directory"
     check_output_location(root, source, overwrite=True)
     return root
 
 
-def check_output_location(out: Path, name: str | None = None, overwrite: bool = False) -> None:
-    """Refuse an output path that cannot be written, before any work: a file where a directory goes, a
-    parent that is a file or not writable, or (without `overwrite`) a non-empty directory."""
+def check_output_location(out: Path, flag: str = "--out", overwrite: bool = False) -> None:
+    """Refuse, before any work, an output directory that cannot be made or written: a file, below a file,
+    in a directory that refuses new files, or (without `overwrite`) a non-empty directory."""
     out = Path(out)
-    name = name or f"--out {out}"
     if out.exists() and not out.is_dir():
-        raise UserError(f"{name} is a file; it must be a directory (or not exist yet): choose another path")
+        raise UserError(f"{flag} {out} is a file; name a directory")
     if out.is_dir() and not overwrite and any(out.iterdir()):
-        raise UserError(f"{name} exists and is not empty; choose another path or pass --overwrite (the old output is replaced once the new one is complete)")
-    existing = out if out.exists() else next(parent for parent in out.absolute().parents if parent.exists())
+        raise UserError(f"{flag} {out} exists and is not empty; choose another {flag} or pass --overwrite "
+                        "(the old output is replaced only once the new one is complete)")
+    existing = next(path for path in (out, *out.absolute().parents) if path.exists())
     if not existing.is_dir():
-        raise UserError(f"{name} cannot be created: {existing} is a file, not a directory; choose another path")
-    try:  # a real write, not os.access: root passes permission checks, yet not on a read-only file system
+        raise UserError(f"{flag} {out} lies below {existing}, which is a file; choose another {flag}")
+    try:  # a real write, not os.access: root passes permission checks, yet not a read-only file system
         probe, probe_path = tempfile.mkstemp(prefix=".minitron-write-check-", dir=existing)
         os.close(probe)
         os.unlink(probe_path)
     except OSError as exc:
-        raise UserError(f"{name} cannot be written: {existing} refuses new files ({exc.strerror}); choose another path") from None
+        raise UserError(f"{flag} {out}: {existing} refuses new files ({exc.strerror}); choose another {flag}") from None
 
 
 def replace_path(target: Path, new: Path) -> None:
@@ -65,10 +65,15 @@ def make_temporary_dir(beside: Path, label: str) -> Path:
     """A fresh hidden directory next to `beside`, with the permissions a plain mkdir would give (not mkdtemp's 0700)."""
     beside.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}.{label}-", dir=beside.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp.chmod(0o777 & ~current_umask())
     return tmp
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager

@@ -40,9 +40,23 @@ from toolchain import __version__
 from toolchain.data import prepare_data, source_fingerprint
 from toolchain.errors import UserError, settings_named_by
 from toolchain.evaluate import evaluate_model
-from toolchain.models import load_config, load_frozen_model, load_model, load_tokenizer, model_fingerprint, parameter_counts, resolve_model_dir
+from toolchain.models import (
+    load_config,
+    load_frozen_model,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    parameter_counts,
+    resolve_model_dir,
+)
 from toolchain.paths import atomic_write_text, check_output_location, replace_path
-from toolchain.recipe import Recipe, StudentConfig, check_recipe_inputs, load_recipe, recipe_field_namer
+from toolchain.recipe import (
+    Recipe,
+    StudentConfig,
+    check_recipe_inputs,
+    load_recipe,
+    recipe_field_namer,
+)
 from toolchain.settings import EvalConfig
 
 log = logging.getLogger(__name__)
@@ -69,7 +83,7 @@ class Run:
         self._eval_rows = None
 
     def claim_folder(self) -> None:
-        check_output_location(self.dir, f"the run folder {self.dir}", overwrite=True)
+        check_output_location(self.dir, "the run folder", overwrite=True)
         if self.dir.is_dir() and any(self.dir.iterdir()) and not (self.dir / RUN_FILE).is_file():
             raise UserError(f"{self.dir} is not empty and holds no run of this toolchain (no {RUN_FILE}); choose another --out")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -253,13 +267,13 @@ def engine_stage(run: Run, name: str, model: Path | str, model_key: str, data_se
 
 def bench_stage(run: Run, teacher: str, teacher_key: str, students: list[dict], data_settings: dict) -> dict | None:
     """The teacher's engine (same profile) first, then the students', through Triton; None where the engines cannot be served here."""
-    from toolchain.backends import backend_of
+    from toolchain.backends import engine_backend
     from toolchain.bench import BENCH_FILE, bench
     from toolchain.engine_profile import load_profile
 
     recipe = run.recipe
     profile = load_profile(recipe.engine.profile, recipe.engine.overrides)
-    reason = backend_of(profile.backend).unavailable_reason()
+    reason = engine_backend(profile.backend).unavailable_reason()
     if reason is not None:
         log.info("the %s engines are not benchmarked here (%s): serve them there and run `minitron bench HOST:PORT`", profile.backend, reason)
         return None

@@ -34,7 +34,16 @@ from toolchain.data import check_seq_len, iterate_batches, prepare_data
 from toolchain.errors import UserError, setting
 from toolchain.evaluate import evaluate_model
 from toolchain.modelopt_compat import modelopt
-from toolchain.models import head_dim, load_model, load_tokenizer, model_fingerprint, read_config, resolve_dtype, resolve_model_dir, save_tokenizer
+from toolchain.models import (
+    head_dim,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    read_config,
+    resolve_dtype,
+    resolve_model_dir,
+    save_tokenizer,
+)
 from toolchain.paths import atomic_output_dir, check_output_location, directory_bytes
 from toolchain.progress import progress_bar
 from toolchain.settings import ComputeConfig, DataConfig, EvalConfig, QuantizeConfig

@@ -13,6 +13,13 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from toolchain.errors import UserError, validation_message
+from toolchain.named_yaml import (
+    apply_override,
+    builtin_names,
+    parse_yaml,
+    read_named_text,
+    read_named_yaml,
+)
 from toolchain.settings import (
     SECTIONS,
     BenchConfig,
@@ -118,57 +125,20 @@ def recipe_field_namer(recipe: Recipe, student: StudentConfig | None = None, cor
 # ---------------------------------------------------------------- loading
 
 
+RECIPES = resources.files("toolchain.recipes")
+
+
 def builtin_recipe_names() -> list[str]:
-    return sorted(entry.name.removesuffix(".yaml") for entry in resources.files("toolchain.recipes").iterdir() if entry.name.endswith(".yaml"))
+    return builtin_names(RECIPES)
 
 
 def recipe_text(recipe: str) -> str:
-    path = Path(recipe).expanduser()
-    if path.is_file():
-        return path.read_text()
-    if recipe in builtin_recipe_names():
-        return resources.files("toolchain.recipes").joinpath(f"{recipe}.yaml").read_text()
-    raise UserError(f"recipe {recipe!r} is neither a file nor a built-in recipe ({', '.join(builtin_recipe_names())}); `minitron recipes` lists them")
-
-
-def parse_yaml(text: str, source: str) -> object:
-    """YAML to Python; a syntax error names its line and column."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{source} is not valid YAML{where}: {problem}") from None
+    """The YAML text of a recipe, as written (`minitron recipes show`)."""
+    return read_named_text(recipe, RECIPES, "recipe")[0]
 
 
 def read_recipe_yaml(recipe: str) -> dict:
-    data = parse_yaml(recipe_text(recipe), f"recipe {recipe}")
-    if not isinstance(data, dict):
-        raise UserError(f"recipe {recipe} must be a YAML mapping of sections (name, teacher, data, students, ...)")
-    return data
-
-
-def apply_override(data: dict, dotted_key: str, value) -> None:
-    """Set `a.b.c` in nested dicts/lists; list items by index or by their `name`."""
-    parts = dotted_key.split(".")
-    node = data
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        if isinstance(node, list):
-            index = int(part) if part.isdigit() else next((i for i, item in enumerate(node) if isinstance(item, dict) and item.get("name") == part), None)
-            if index is None or index >= len(node):
-                raise UserError(f"override {dotted_key}: no list item {part!r}")
-            if last:
-                node[index] = value
-            node = node[index]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
-        else:
-            raise UserError(f"override {dotted_key}: {'.'.join(parts[:depth])} is not a section")
+    return read_named_yaml(recipe, RECIPES, "recipe", "of sections: name, teacher, data, students, ...")[0]
 
 
 def parse_override(assignment: str) -> tuple[str, object]:

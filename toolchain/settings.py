@@ -14,7 +14,7 @@ better on the command line (`data.spec` is `--data`). Library code names a setti
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -193,12 +193,14 @@ class BenchConfig(Section):
     concurrency: list[int] = Field(default_factory=lambda: [1, 4], min_length=1, description="Concurrent clients; one measurement per value.")
     requests: int = Field(16, gt=0, description="Requests per measurement.")
     threads: int = Field(1, gt=0, description="CPU threads of the engine (pinned for stable numbers).")
+    max_error_rate: float = Field(0.0, ge=0, le=1, description="Share of a target's requests that may fail; above it the benchmark fails (exit 2) and writes nothing.")
 
-    @model_validator(mode="after")
-    def positive_concurrency(self):
-        if any(level <= 0 for level in self.concurrency):
-            raise ValueError(f"every concurrency level must be positive, got {self.concurrency}")
-        return self
+    @field_validator("concurrency")
+    @classmethod
+    def positive_concurrency(cls, levels: list[int]) -> list[int]:
+        if any(level <= 0 for level in levels):
+            raise ValueError(f"every concurrency level must be positive, got {levels}")
+        return levels
 
 
 # Section key -> model: how `toolchain.errors.setting("key.field")` finds a field's flag, and what

@@ -103,9 +103,15 @@ def read_checkpoint_config(directory: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{directory} has no {CONFIG_FILE}; it is not a TensorRT-LLM checkpoint (export one with `minitron export --format trtllm`)")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object; it is not a TensorRT-LLM checkpoint config")
+    if "architectures" in config and not any(Path(directory).glob("rank*.safetensors")):
+        raise UserError(f"{directory} is a Hugging Face checkpoint (config.json with architectures, no rank*.safetensors), not a TensorRT-LLM one; "
+                        f"`minitron export {directory} --format trtllm --out DIR` turns it into one")
+    return config
 
 
 def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:

@@ -19,7 +19,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from toolchain.data import check_seq_len, data_key, shard_rows
-from toolchain.distributed import Distributed, distributed_context, prepare_data_on_ranks
+from toolchain.distributed import (
+    Distributed,
+    distributed_context,
+    prepare_data_on_ranks,
+)
 from toolchain.errors import UserError
 from toolchain.models import (
     load_config,

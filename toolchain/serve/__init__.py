@@ -1,101 +1,145 @@
 """`minitron serve`: serve an engine directory through a real Triton Inference Server.
 
-CPU engines run in the Triton server bundled with nvidia-pytriton (python backend); TensorRT-LLM
-engines get the tensorrtllm backend's repository layout, written with `--repo-only` for NVIDIA's
-Triton TRT-LLM container on a GPU machine. Both expose the same `ensemble` model interface
-(text_input, max_tokens, stream, temperature/top_k/top_p, end_id, seed -> text_output), so
-`minitron generate` and the benchmarks talk to either. Layout: repository.py (what Triton loads),
-server.py (the process), cpu_model.py and trtllm_*.py (model code Triton runs).
+`serving` is the one engine lifecycle: pick endpoints, write the repository of the engine's backend
+(toolchain/backends/), start Triton, hand the endpoints to the caller, stop Triton and remove its
+workspace, leaving no process or /dev/shm segment. `minitron serve` runs it in the foreground until
+SIGTERM/SIGINT; `minitron bench` and the tests use it directly. Engines whose backend Triton cannot
+run here (TensorRT-LLM: a GPU and NVIDIA's container) get their repository with `--repo-only`.
+Every backend exposes the same `ensemble` model interface (text_input, max_tokens, stream,
+temperature/top_k/top_p, end_id, seed -> text_output), so `minitron generate` and the benchmarks talk
+to any of them. Layout: repository.py (shared pieces of what Triton loads), server.py (the process),
+cpu_model.py and trtllm_*.py (model code Triton runs).
 """
 
+import contextlib
 import shutil
 import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from toolchain.backends import engine_backend
 from toolchain.errors import UserError
 from toolchain.manifest import read_manifest
-from toolchain.paths import atomic_output_dir
-from toolchain.serve.repository import ENSEMBLE, write_model_repository
-from toolchain.serve.server import TritonServer, choose_endpoints
+from toolchain.paths import atomic_output_dir, check_output_location
+from toolchain.serve.repository import ENSEMBLE
+from toolchain.serve.server import Endpoints, TritonServer, choose_endpoints
+from toolchain.settings import ServeConfig
 
 
-def check_host(host: str) -> None:
+@dataclass(frozen=True)
+class RunningServer:
+    """What `serving` yields: where the server listens, which engine each model name serves, and its process."""
+
+    endpoints: Endpoints
+    models: dict[str, Path]  # model name clients address -> engine directory it serves
+    server: TritonServer
+
+
+@contextlib.contextmanager
+def serving(engine_dir: Path, settings: ServeConfig = ServeConfig(), ready_timeout_s: float = 300) -> Iterator[RunningServer]:
+    """A Triton server serving the engine as model `ensemble` for the duration of the block, bound and sized as `settings` say.
+
+    Free ports for those not given; on leaving the block (also on an error or Ctrl-C) the server is
+    stopped and its workspace removed; a stop that leaves a process or shm segment is a UserError.
+    """
+    models = {ENSEMBLE: Path(engine_dir)}  # one engine for now; the repository could hold several under their own names
+    manifests = {name: read_manifest(directory) for name, directory in models.items()}
+    for name, directory in models.items():
+        reason = engine_backend(manifests[name].backend).unavailable_reason()
+        if reason is not None:
+            raise UserError(f"{directory} cannot be served here: {reason}; write its repository with "
+                            f"`minitron serve --engine {directory} --repo-only DIR` and start Triton where it runs (docs/serve.md)")
+    endpoints = choose_endpoints(settings.host, settings.http_port, settings.grpc_port, settings.metrics_port)
+    workspace = Path(tempfile.mkdtemp(prefix="minitron-serve-"))
+    server = TritonServer(workspace / "repository", workspace, endpoints)
+    try:
+        for name, directory in models.items():
+            backend = engine_backend(manifests[name].backend)
+            backend.write_repository(directory, manifests[name], server.repository, name, settings.instances, settings.max_batch_size,
+                                     settings.threads)
+        try:
+            server.start(ready_timeout_s)
+        except RuntimeError as exc:
+            raise UserError(f"Triton did not start on {', '.join(map(str, models.values()))}: {exc}".replace("\n", " | ")) from None
+        yield RunningServer(endpoints, models, server)
+    finally:
+        clean = server.stop()
+        shutil.rmtree(workspace, ignore_errors=True)
+    if not clean:
+        raise UserError(f"stopping tritonserver left processes or /dev/shm/*{server.shm_prefix}* behind; remove them by hand")
+
+
+def warn_if_exposed(host: str) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {host} exposes the server beyond this machine; it has no authentication", file=sys.stderr)
 
 
-def serve(engine_dir: Path, host: str = "127.0.0.1", http_port: int | None = None, grpc_port: int | None = None,
-          metrics_port: int | None = None, instances: int = 1, max_batch_size: int = 8, repo_only: Path | None = None,
-          threads: int | None = None, ready_timeout_s: float = 300) -> Path | None:
-    """Write the engine's Triton model repository and serve it until SIGTERM/SIGINT; with `repo_only`, only write it there.
+def write_repository_only(engine_dir: Path, repository: Path, settings: ServeConfig) -> Path:
+    """The engine's repository in `repository` (new or empty), to start Triton on elsewhere."""
+    check_output_location(repository, "--repo-only", overwrite=True)  # emptiness: checked below, in serve's own words
+    if repository.is_dir() and any(repository.iterdir()):
+        raise UserError(f"--repo-only {repository} is not empty; name a new or empty directory (serve never overwrites one)")
+    manifest = read_manifest(engine_dir)
+    backend = engine_backend(manifest.backend)
+    with atomic_output_dir(repository) as tmp:
+        models = backend.write_repository(engine_dir, manifest, tmp, ENSEMBLE, settings.instances, settings.max_batch_size, settings.threads)
+    print(f"wrote a Triton model repository for {engine_dir} ({manifest.backend}) to {repository}: models {', '.join(models)}")
+    for note in backend.repository_notes(engine_dir, manifest, repository):
+        print(note)
+    return repository
+
+
+def serve(engine_dir: Path, settings: ServeConfig, repo_only: Path | None = None, ready_timeout_s: float = 300) -> Path | None:
+    """Serve the engine until SIGTERM/SIGINT; with `repo_only`, only write its Triton model repository there.
 
     Returns the repository path for `repo_only`, else None once the server has stopped and left nothing behind.
     """
     engine_dir = Path(engine_dir)
-    manifest = read_manifest(engine_dir)
-    if instances < 1 or max_batch_size < 1:
-        raise UserError(f"--instances and --max-batch-size must be positive, got {instances} and {max_batch_size}")
     if repo_only is not None:
-        with atomic_output_dir(Path(repo_only)) as tmp:
-            models = write_model_repository(engine_dir, manifest, tmp, instances, max_batch_size, threads)
-        print(f"wrote a Triton model repository for {engine_dir} ({manifest.backend}) to {repo_only}: models {', '.join(models)}")
-        if manifest.backend == "tensorrt-llm":
-            print(f"start it in NVIDIA's Triton TRT-LLM container with the engine directory mounted at {engine_dir.resolve()}: "
-                  f"tritonserver --model-repository={Path(repo_only).resolve()}")
-            if not manifest.built:
-                print("note: this engine directory holds the checkpoint and the trtllm-build command only; build the engine first")
-        return Path(repo_only)
-    if manifest.backend != "onnxruntime-genai":
-        raise UserError(f"{engine_dir} is a TensorRT-LLM engine: it needs a GPU and the tensorrtllm backend of NVIDIA's Triton container; "
-                        "write its repository with --repo-only DIR and start Triton there (see docs/serve.md)")
-    check_host(host)
-    endpoints = choose_endpoints(host, http_port, grpc_port, metrics_port)
-    workspace = Path(tempfile.mkdtemp(prefix="minitron-serve-"))
+        return write_repository_only(engine_dir, Path(repo_only), settings)
     stop_requested = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    server = TritonServer(workspace / "repository", workspace, endpoints)
+    previous = {}
     try:
-        write_model_repository(engine_dir, manifest, server.repository, instances, max_batch_size, threads)
-        try:
-            server.start(ready_timeout_s)
-        except RuntimeError as exc:
-            raise UserError(f"Triton did not start on {engine_dir}: {exc}".replace("\n", " | ")) from None
-        print(f"serving {engine_dir} ({manifest.backend}, profile {manifest.profile_name}) as model '{ENSEMBLE}'")
-        print(f"  HTTP     http://{endpoints.http}  (POST /v2/models/{ENSEMBLE}/generate, /generate_stream)")
-        print(f"  gRPC     {endpoints.grpc}")
-        print(f"  metrics  {endpoints.metrics}")
-        print(f"ready (process group {server.process.pid}); Ctrl-C or SIGTERM stops the server", flush=True)
-        while not stop_requested.wait(0.5):
-            if server.process.poll() is not None:
-                raise UserError(f"tritonserver exited unexpectedly with code {server.process.returncode}: {server.log_tail(5)}".replace("\n", " | "))
-        print("stopping", flush=True)
+        with serving(engine_dir, settings, ready_timeout_s) as running:
+            endpoints, process = running.endpoints, running.server.process
+            warn_if_exposed(settings.host)
+            for name, directory in running.models.items():
+                manifest = read_manifest(directory)
+                print(f"serving {directory} ({manifest.backend}, profile {manifest.profile_name}) as model '{name}'")
+            print(f"  HTTP     http://{endpoints.http}  (POST /v2/models/{ENSEMBLE}/generate, /generate_stream)")
+            print(f"  gRPC     {endpoints.grpc}")
+            print(f"  metrics  {endpoints.metrics}")
+            # From here until the server has stopped, a signal asks for a clean stop instead of interrupting it.
+            previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+            print(f"ready (process group {process.pid}); Ctrl-C or SIGTERM stops the server", flush=True)
+            while not stop_requested.wait(0.5):
+                if process.poll() is not None:
+                    raise UserError(f"tritonserver exited unexpectedly with code {process.returncode}: "
+                                    f"{running.server.log_tail(5)}".replace("\n", " | "))
+            print("stopping", flush=True)
     finally:
-        clean = server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        shutil.rmtree(workspace, ignore_errors=True)
-    if not clean:
-        raise UserError(f"stopping tritonserver left processes or /dev/shm/*{server.shm_prefix}* behind; remove them by hand")
     print("stopped; no process or shared-memory segment left", flush=True)
     return None
 
 
 def configure_parser(parser) -> None:
+    from toolchain.cli_args import add_recipe_source, add_section_flags
+
     parser.add_argument("--engine", required=True, type=Path, help="engine directory written by `minitron build` (holds manifest.json)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--http-port", type=int, help="HTTP port (default: a free one)")
-    parser.add_argument("--grpc-port", type=int, help="gRPC port (default: a free one)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default: a free one)")
-    parser.add_argument("--instances", type=int, default=1, help="model instances, each with its own engine (default 1)")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="largest batch Triton and the engine form (default 8)")
-    parser.add_argument("--threads", type=int, help="CPU engine threads per instance (default: the profile's cpu_threads, else cores / instances)")
     parser.add_argument("--repo-only", type=Path, metavar="DIR", help="write the Triton model repository to DIR and exit (TensorRT-LLM engines: for NVIDIA's container)")
+    add_recipe_source(parser)
+    add_section_flags(parser, "serve")
 
 
 def command(args) -> int:
-    serve(args.engine, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-          instances=args.instances, max_batch_size=args.max_batch_size, repo_only=args.repo_only, threads=args.threads)
+    from toolchain.cli_args import sections_from_args
+
+    (settings,) = sections_from_args(args, "serve")
+    serve(args.engine, settings, repo_only=args.repo_only)
     return 0

@@ -1,6 +1,6 @@
 """Triton python-backend model that serves a CPU engine behind the TensorRT-LLM ensemble's interface.
 
-Copied by `minitron serve` into `<repository>/ensemble/1/model.py`; it runs inside Triton's python
+Copied by the onnxruntime-genai backend into `<repository>/<model name>/1/model.py`; it runs inside Triton's python
 stub, never in the toolchain's own process. Inputs text_input, max_tokens and optional stream,
 temperature, top_k, top_p, end_id, seed; output text_output. The model is decoupled: with
 stream=true every new token goes out as its own response, otherwise one response carries the whole
@@ -41,8 +41,9 @@ def error_response(message: str):
 class TritonPythonModel:
     def initialize(self, args):
         parameters = {key: value["string_value"] for key, value in json.loads(args["model_config"])["parameters"].items()}
-        self.engine = CpuEngine(parameters["engine_dir"], threads=int(parameters["threads"]) or None,
-                                max_batch_size=int(parameters["engine_max_batch_size"]))
+        self.engine = CpuEngine(parameters["model_dir"], threads=int(parameters["threads"]) or None,
+                                max_batch_size=int(parameters["engine_max_batch_size"]), tokenizer_dir=parameters["tokenizer_dir"],
+                                max_input_len=int(parameters["max_input_len"]), max_seq_len=int(parameters["max_seq_len"]))
 
     def parse(self, request) -> dict:
         prompt = scalar(request, "text_input", None)

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolchain.errors import UserError
+from toolchain.errors import UserError, setting
 
 log = logging.getLogger(__name__)
 
@@ -47,30 +47,44 @@ class Endpoints:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
+def bind(host: str, port: int) -> int:
+    """Bind and release host:port (0: a free port); returns the port. Raises OSError (socket.gaierror: unknown host)."""
+    family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind) as sock:
+        sock.bind(address)
         return sock.getsockname()[1]
 
 
-def check_port_free(host: str, port: int, flag: str) -> None:
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise UserError(f"port {port} on {host} is not free ({exc.strerror}); pass another {flag} or leave it out to pick a free one") from None
+def check_host(host: str) -> None:
+    try:
+        bind(host, 0)
+    except OSError as exc:
+        raise UserError(f"cannot bind {setting('serve.host')} {host} ({exc.strerror or exc}): it is not an address of this machine; "
+                        "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+
+
+def check_port_free(host: str, port: int, name: str) -> None:
+    try:
+        bind(host, port)
+    except OSError as exc:
+        raise UserError(f"port {port} on {host} is not free ({exc.strerror}); choose another {setting('serve.' + name)} or leave it out "
+                        "to pick a free one") from None
 
 
 def choose_endpoints(host: str, http_port: int | None, grpc_port: int | None, metrics_port: int | None) -> Endpoints:
-    """The requested ports (refused when taken) and free ones for those not given."""
+    """The requested ports (refused when taken) and free ones for those not given, on a host this machine can bind.
+
+    Port ranges are checked where they are declared (settings.ServeConfig)."""
+    requested = ((http_port, "http_port"), (grpc_port, "grpc_port"), (metrics_port, "metrics_port"))
+    check_host(host)
     chosen = []
-    for port, flag in ((http_port, "--http-port"), (grpc_port, "--grpc-port"), (metrics_port, "--metrics-port")):
+    for port, flag in requested:
         if port is not None:
             check_port_free(host, port, flag)
         else:
-            port = free_port(host)
+            port = bind(host, 0)
             while port in chosen:
-                port = free_port(host)
+                port = bind(host, 0)
         chosen.append(port)
     if len(set(chosen)) != 3:
         raise UserError(f"HTTP, gRPC and metrics ports must differ, got {chosen}")
