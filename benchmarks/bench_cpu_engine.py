@@ -22,10 +22,11 @@ from common import machine, pin_threads, write_results  # noqa: E402
 from toolchain.cpu_engine import CpuEngine, build_cpu_engine  # noqa: E402
 from toolchain.data import prepare_data  # noqa: E402
 from toolchain.models import load_model, load_tokenizer, resolve_model_dir  # noqa: E402
+from toolchain.settings import DataConfig  # noqa: E402
 
 
 def prompts_from_eval_split(model: str, count: int, length: int) -> list[list[int]]:
-    rows = prepare_data("builtin:python-docs", load_tokenizer(model), seq_len=max(256, length)).split("eval")
+    rows = prepare_data(DataConfig(seq_len=max(256, length)), load_tokenizer(model)).split("eval")
     return [rows[i][:length].tolist() for i in range(count)]
 
 

@@ -24,15 +24,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from common import machine, pin_threads, write_results
 from torch import nn
 
-from common import machine, pin_threads, write_results
 from toolchain.data import prepare_data
 from toolchain.distill import distill
 from toolchain.evaluate import evaluate_model
 from toolchain.finetune import finetune
 from toolchain.models import load_model, load_tokenizer
-from toolchain.recipe import DistillConfig
+from toolchain.settings import ComputeConfig, DataConfig, DistillConfig, EvalConfig
 
 
 class RecordedTeacher(nn.Module):
@@ -43,7 +43,7 @@ class RecordedTeacher(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # evaluate_model reads the device from it
         self.logits = {}
         self.teacher = [teacher]  # a list keeps it out of this module's parameters
-        evaluate_model(self, rows, batch_size, max_batches, description="record teacher")
+        evaluate_model(self, rows, EvalConfig(batch_size=batch_size, max_batches=max_batches), description="record teacher")
 
     def forward(self, input_ids, use_cache=False):
         key = input_ids.numpy().tobytes()
@@ -118,19 +118,20 @@ def main() -> None:
     save_every = max(1, math.ceil(steps / args.points))
     config = DistillConfig(tokens=args.tokens, global_batch_size=args.global_batch_size, micro_batch_size=4, lr=args.lr, min_lr=args.min_lr,
                            warmup_steps=args.warmup_steps, save_every=save_every, keep_checkpoints=args.points + 1)
-    for arm, train_arm in (("distilled", lambda out: distill(args.teacher, str(pruned), args.data, out, config, seq_len=args.seq_len, eval_batches=1)),
-                           ("scratch", lambda out: finetune(str(scratch_init), args.data, out, config, seq_len=args.seq_len, eval_batches=1))):
+    data, compute, final_eval = DataConfig(spec=args.data, seq_len=args.seq_len), ComputeConfig(dtype="float32", device="cpu"), EvalConfig(max_batches=1)
+    for arm, train_arm in (("distilled", lambda out: distill(args.teacher, str(pruned), out, config, data, compute, final_eval)),
+                           ("scratch", lambda out: finetune(str(scratch_init), out, config.training(), data, compute, final_eval))):
         finished = work / arm / "eval.json"  # a finished arm in --work-dir is reused: only the evaluation runs again
         summary = json.loads(finished.read_text()) if finished.is_file() else train_arm(work / arm)
         seconds[arm] = summary["train_seconds"]
 
     begun = time.perf_counter()
     teacher_model = load_model(args.teacher)
-    rows = prepare_data(args.data, load_tokenizer(args.teacher), args.seq_len).split("eval")
+    rows = prepare_data(DataConfig(spec=args.data, seq_len=args.seq_len), load_tokenizer(args.teacher)).split("eval")
     teacher = RecordedTeacher(teacher_model, rows, 8, args.eval_batches)
 
     def measure(model) -> dict:
-        metrics = evaluate_model(model, rows, 8, args.eval_batches, teacher=teacher)
+        metrics = evaluate_model(model, rows, EvalConfig(max_batches=args.eval_batches), teacher=teacher)
         return {key: metrics[key] for key in ("loss", "perplexity", "kl", "top1_agreement", "teacher_perplexity")}
 
     results = {"pruned": measure(load_model(pruned)), "scratch_init": measure(load_model(scratch_init)), "distilled": [], "scratch": []}

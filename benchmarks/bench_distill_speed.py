@@ -20,13 +20,14 @@ import threading
 import time
 
 import torch
-
 from common import machine, pin_threads, write_results
+
 from toolchain.data import iterate_batches, prepare_data
 from toolchain.distill import build_distillation, layer_mapping
+from toolchain.losses import next_token_nll
 from toolchain.models import load_config, load_model, load_tokenizer
-from toolchain.recipe import DistillConfig
-from toolchain.training import lm_loss, prepare_student
+from toolchain.settings import DataConfig, DistillConfig
+from toolchain.training import prepare_student
 
 
 class PeakMemory:
@@ -109,7 +110,7 @@ def main() -> None:
     plain_student.train()
     config = DistillConfig(steps=1)
     distill_model, compute_loss = build_distillation(teacher, prepare_student(student, config), config, layer_mapping(list(range(student.config.num_hidden_layers)), teacher.config.num_hidden_layers))
-    rows = prepare_data(args.data, load_tokenizer(args.teacher), args.seq_len).split("train")
+    rows = prepare_data(DataConfig(spec=args.data, seq_len=args.seq_len), load_tokenizer(args.teacher)).split("train")
     input_ids = next(iterate_batches(rows, args.micro_batch_size)).to(args.device)
     parameters = [p for p in distill_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
@@ -124,7 +125,7 @@ def main() -> None:
         teacher.lm_head._intermediate_output = None
 
     def student_step():
-        lm_loss(plain_student(input_ids=input_ids, use_cache=False).logits, input_ids).backward()
+        next_token_nll(plain_student(input_ids=input_ids, use_cache=False).logits, input_ids).backward()
 
     kd_step()  # warm-up, and creates the gradients
     optimizer.step()  # creates AdamW's moments, so they count in what must exist

@@ -12,11 +12,12 @@ import statistics
 import time
 
 import torch
-
 from common import machine, pin_threads, write_results
+
 from toolchain.data import iterate_batches, prepare_data
 from toolchain.evaluate import evaluate_model
 from toolchain.models import load_model, load_tokenizer
+from toolchain.settings import DataConfig, EvalConfig
 
 
 @torch.no_grad()
@@ -41,12 +42,12 @@ def main() -> None:
     pin_threads(args.threads)
 
     model = load_model(args.model)
-    rows = prepare_data(args.data, load_tokenizer(args.model), args.seq_len).split("eval")
+    rows = prepare_data(DataConfig(spec=args.data, seq_len=args.seq_len), load_tokenizer(args.model)).split("eval")
     tokens = min(len(rows), args.batch_size * args.batches) * args.seq_len
     bare_loop(model, rows, args.batch_size, 1)  # warm-up
     toolchain_seconds, bare_seconds = [], []
     for _ in range(args.rounds):
-        toolchain_seconds.append(evaluate_model(model, rows, args.batch_size, args.batches)["seconds"])
+        toolchain_seconds.append(evaluate_model(model, rows, EvalConfig(batch_size=args.batch_size, max_batches=args.batches))["seconds"])
         bare_seconds.append(bare_loop(model, rows, args.batch_size, args.batches))
     toolchain_tps = tokens / statistics.median(toolchain_seconds)
     bare_tps = tokens / statistics.median(bare_seconds)

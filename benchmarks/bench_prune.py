@@ -28,7 +28,7 @@ from toolchain.evaluate import evaluate_model
 from toolchain.models import load_model, load_tokenizer
 from toolchain.prune import prune
 from toolchain.prune.importance import ActivationRecorder
-from toolchain.recipe import PruneConfig
+from toolchain.settings import ComputeConfig, DataConfig, EvalConfig, ImportanceConfig, PruneConfig
 
 RESULTS = Path(__file__).parent / "results"
 TEACHER = "smollm2-135m"
@@ -56,10 +56,11 @@ def hook_overhead(rows, batch_size: int) -> dict:
             "median_batch_overhead": statistics.median(h / p for h, p in zip(hooked, plain)) - 1}
 
 
-def perplexity_after_pruning(work: Path, name: str, config: PruneConfig, eval_rows, args, importance_file=None) -> dict:
+def perplexity_after_pruning(work: Path, name: str, config: PruneConfig, importance: ImportanceConfig, eval_rows, args, importance_file=None) -> dict:
     out = work / name
-    report = prune(TEACHER, DATA, out, config, importance_file=importance_file, seq_len=args.seq_len)
-    metrics = evaluate_model(load_model(out), eval_rows, batch_size=args.batch_size, max_batches=args.eval_batches, description=name)
+    report = prune(TEACHER, out, config, importance, DataConfig(spec=DATA, seq_len=args.seq_len), ComputeConfig(dtype="float32", device="cpu"),
+                   importance_file=importance_file)
+    metrics = evaluate_model(load_model(out), eval_rows, EvalConfig(batch_size=args.batch_size, max_batches=args.eval_batches), description=name)
     result = {"perplexity": metrics["perplexity"], "loss": metrics["loss"], "parameters": report["parameters"]["pruned"],
               "dropped_layers": report["dropped_layers"], "seconds": report["seconds"]}
     print(f"{name}: perplexity {metrics['perplexity']:.1f} ({report['seconds']})", flush=True)
@@ -118,22 +119,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    packed = prepare_data(DATA, load_tokenizer(TEACHER), args.seq_len)
+    packed = prepare_data(DataConfig(spec=DATA, seq_len=args.seq_len), load_tokenizer(TEACHER))
     calibration = packed.split("calibration")[: args.calibration_samples]
     eval_rows = packed.split("eval")
-    teacher = evaluate_model(load_model(TEACHER), eval_rows, batch_size=args.batch_size, max_batches=args.eval_batches, description="teacher")
+    teacher = evaluate_model(load_model(TEACHER), eval_rows, EvalConfig(batch_size=args.batch_size, max_batches=args.eval_batches), description="teacher")
     print(f"teacher perplexity {teacher['perplexity']:.2f}", flush=True)
     overhead = hook_overhead(calibration, args.batch_size)
     print(f"hook overhead {overhead}", flush=True)
 
-    common = {"calibration_samples": args.calibration_samples, "batch_size": args.batch_size}
+    common = {"calibration_samples": args.calibration_samples, "batch_size": args.batch_size, "depth_calibration_samples": args.depth_calibration_samples}
     with tempfile.TemporaryDirectory(prefix="bench-prune-") as tmp:
         work = Path(tmp)
-        width = {method: perplexity_after_pruning(work, f"width-{method}", PruneConfig(**WIDTH, importance=method, **common), eval_rows, args)
+        width = {method: perplexity_after_pruning(work, f"width-{method}", PruneConfig(**WIDTH), ImportanceConfig(method=method, **common), eval_rows, args)
                  for method in ("activation", "magnitude", "random")}
-        importance = work / "width-activation" / "importance.safetensors"  # its pass also scored block importance
-        depth = {method: perplexity_after_pruning(work, f"depth-{method}", PruneConfig(**DEPTH, depth_method=method, depth_calibration_samples=args.depth_calibration_samples, **common),
-                                                  eval_rows, args, importance_file=importance)
+        depth = {method: perplexity_after_pruning(work, f"depth-{method}", PruneConfig(**DEPTH, depth_method=method), ImportanceConfig(**common), eval_rows, args)
                  for method in ("block_importance", "lm_loss", "lm_loss_contiguous", "random")}
         teacher_parameters = json.loads((work / "width-activation" / "pruning.json").read_text())["parameters"]["original"]
 

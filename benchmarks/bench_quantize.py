@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, pin_threads, write_results  # noqa: E402
 from toolchain.errors import UserError  # noqa: E402
 from toolchain.models import read_config, resolve_model_dir  # noqa: E402
-from toolchain.quantize import checkpoint_bytes, quantize  # noqa: E402
+from toolchain.paths import directory_bytes  # noqa: E402
+from toolchain.quantize import quantize  # noqa: E402
+from toolchain.settings import ComputeConfig, DataConfig, EvalConfig, QuantizeConfig  # noqa: E402
 
 FORMATS = ("int8_sq", "fp8", "int4_awq")
 STUDENTS = {
@@ -42,12 +44,13 @@ def measure(name: str, model: str, work: Path, options: argparse.Namespace) -> l
     model_dir = resolve_model_dir(model)
     config = read_config(model_dir)
     shape = {k: config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
-    rows = [{"model": name, "format": "float32", "bytes": checkpoint_bytes(model_dir), "perplexity": None, "seconds": None, **shape}]
+    rows = [{"model": name, "format": "float32", "bytes": directory_bytes(model_dir, "*.safetensors"), "perplexity": None, "seconds": None, **shape}]
     for format in options.formats:
         started = time.perf_counter()
         try:
-            result = quantize(str(model_dir), format, work / format, calibration_samples=options.calibration_samples,
-                              eval_batches=options.eval_batches, batch_size=options.batch_size)
+            result = quantize(str(model_dir), work / format, QuantizeConfig(format=format, calibration_samples=options.calibration_samples),
+                              DataConfig(), ComputeConfig(dtype="float32", device="cpu"),
+                              EvalConfig(max_batches=options.eval_batches, batch_size=options.batch_size))
         except UserError as exc:
             rows.append({"model": name, "format": format, "refused": str(exc), "seconds": time.perf_counter() - started, **shape})
             print(f"{name} {format}: refused: {exc}", flush=True)

@@ -7,11 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from toolchain.backends.tensorrt_llm import (
-    check_engine_dir,
-    finish_trtllm_build,
-    trtllm_build_command,
-)
+from toolchain.backends.tensorrt_llm import check_engine_dir, finish_trtllm_build, trtllm_build_command
 from toolchain.build import build
 from toolchain.engine_profile import PROFILES_DIR, load_profile, shipped_profile_names
 from toolchain.errors import UserError

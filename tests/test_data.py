@@ -9,15 +9,7 @@ import pytest
 from conftest import corpus_documents, data_settings
 from transformers import AutoTokenizer
 
-from toolchain.data import (
-    iterate_batches,
-    pack_documents,
-    prepare_data,
-    read_documents,
-    shard_rows,
-    split_of_document,
-    txt_documents,
-)
+from toolchain.data import iterate_batches, pack_documents, prepare_data, read_documents, shard_rows, split_of_document, txt_documents
 from toolchain.errors import UserError
 
 

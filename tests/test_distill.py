@@ -16,12 +16,7 @@ from conftest import cpu, data_settings
 from safetensors.torch import load_file
 
 from toolchain.cli import main as cli_main
-from toolchain.distill import (
-    distill,
-    distillation_criterion,
-    kept_teacher_layers,
-    layer_mapping,
-)
+from toolchain.distill import distill, distillation_criterion, kept_teacher_layers, layer_mapping
 from toolchain.modelopt_compat import modelopt
 from toolchain.settings import DistillConfig, EvalConfig
 

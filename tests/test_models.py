@@ -6,14 +6,7 @@ import pytest
 import torch
 
 from toolchain.errors import UserError
-from toolchain.models import (
-    BUILTIN_MODELS,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    resolve_device,
-    resolve_model_dir,
-)
+from toolchain.models import BUILTIN_MODELS, load_model, load_tokenizer, model_fingerprint, resolve_device, resolve_model_dir
 
 
 @pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2"])

@@ -28,12 +28,7 @@ from toolchain.prune.importance import (
     select_heads,
     top_indices,
 )
-from toolchain.prune.shapes import (
-    ModelShape,
-    parse_layer_list,
-    pruned_config,
-    target_shape,
-)
+from toolchain.prune.shapes import ModelShape, parse_layer_list, pruned_config, target_shape
 from toolchain.settings import ImportanceConfig, PruneConfig
 
 SEQ_LEN = 32

@@ -4,12 +4,7 @@ import pytest
 import yaml
 
 from toolchain.errors import UserError
-from toolchain.recipe import (
-    builtin_recipe_names,
-    describe_plan,
-    load_recipe,
-    schema_reference,
-)
+from toolchain.recipe import builtin_recipe_names, describe_plan, load_recipe, schema_reference
 
 
 def test_builtin_recipes_exist():

@@ -22,12 +22,7 @@ from toolchain.backends import EngineBackend, engine_backend
 from toolchain.engine_profile import EngineProfile, load_profile
 from toolchain.errors import UserError
 from toolchain.manifest import ENGINE_DIR, TOKENIZER_DIR, write_manifest
-from toolchain.models import (
-    load_tokenizer,
-    model_fingerprint,
-    read_config,
-    resolve_model_dir,
-)
+from toolchain.models import model_fingerprint, read_config, resolve_model_dir, save_tokenizer
 from toolchain.paths import atomic_output_dir, check_output_location
 from toolchain.quantize import is_quantized_checkpoint, quantized_format
 from toolchain.settings import DataConfig
@@ -105,7 +100,7 @@ def build(profile: EngineProfile, model: str, out: str | Path, data: DataConfig,
                            command=command, message="dry run, nothing written:\n" + plan, seconds=time.perf_counter() - started)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         outcome = backend.build(profile, model_dir, config, quantization, tmp, data)
-        load_tokenizer(model_dir).save_pretrained(tmp / TOKENIZER_DIR)
+        save_tokenizer(model_dir, tmp / TOKENIZER_DIR)
         seconds = time.perf_counter() - started
         write_manifest(tmp, backend=profile.backend, profile_name=profile.name, profile=profile.model_dump(mode="json"),
                        profile_limits=own_limits, source_model=str(model), source_fingerprint=model_fingerprint(model_dir),
@@ -117,15 +112,13 @@ def build(profile: EngineProfile, model: str, out: str | Path, data: DataConfig,
 
 
 def configure_parser(parser) -> None:
-    from toolchain.cli_args import add_recipe_source, add_section_flags
+    from toolchain.cli_args import add_output_flags, add_recipe_source, add_section_flags
     from toolchain.engine_profile import EngineProfile
 
     parser.add_argument("--profile", required=True, help="engine profile: a name in engines/ (e.g. h100-fp8, cpu-fp32) or a YAML path")
     parser.add_argument("--model", required=True, help="model: a local Hugging Face directory, a built-in name, or a `minitron quantize` output")
-    parser.add_argument("--out", required=True, help="engine directory to write (must not exist or be empty, unless --overwrite)")
+    add_output_flags(parser, "engine directory to write")
     parser.add_argument("--dry-run", action="store_true", help="check the profile against the model and print the plan; write nothing")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new engine is complete")
-    parser.add_argument("--json", action="store_true", help="print JSON")
     add_recipe_source(parser)
     add_section_flags(parser, "data")
     add_section_flags(parser, "profile", EngineProfile, title="profile fields (override the profile's values)", exclude=("name", "description"))

@@ -10,6 +10,7 @@ import argparse
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
@@ -149,6 +150,13 @@ def section_from_args(args: argparse.Namespace, key: str, base: BaseModel | dict
     model = model or SECTIONS[key]
     data = base.model_dump() if isinstance(base, BaseModel) else dict(base or {})
     return validate_section(key, model, merge(data, given_flags(args, key)))
+
+
+def add_output_flags(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """`--out`, `--overwrite` and `--json`, as every subcommand that writes one output directory has them."""
+    parser.add_argument("--out", required=True, type=Path, help=f"{out_help} (written atomically; must be absent or empty unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out, once the new output is complete")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def add_recipe_source(parser: argparse.ArgumentParser, student: bool = False) -> None:

@@ -23,23 +23,9 @@ from toolchain.evaluate import check_same_vocabulary, evaluate_model
 from toolchain.finetune import add_run_flags, print_training_summary
 from toolchain.losses import next_token_nll
 from toolchain.modelopt_compat import expected_modelopt_warnings, modelopt
-from toolchain.models import (
-    load_frozen_model,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    resolve_model_dir,
-)
+from toolchain.models import load_frozen_model, load_model, load_tokenizer, model_fingerprint, resolve_model_dir
 from toolchain.settings import ComputeConfig, DataConfig, DistillConfig, EvalConfig
-from toolchain.training import (
-    TrainingTask,
-    prepare_student,
-    publish_run_dir,
-    run_identity,
-    train,
-    working_dir,
-    write_final_model,
-)
+from toolchain.training import TrainingTask, prepare_student, publish_run_dir, run_identity, train, working_dir, write_final_model
 
 log = logging.getLogger(__name__)
 

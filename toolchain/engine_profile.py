@@ -15,14 +15,7 @@ runtime fields (free memory fraction, block reuse) are recorded for the server.
 from pathlib import Path
 from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from toolchain.backends import BACKENDS
 from toolchain.errors import UserError, setting, validation_message

@@ -15,12 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from toolchain.data import (
-    check_seq_len,
-    iterate_batches,
-    prepare_data,
-    tokenizer_fingerprint,
-)
+from toolchain.data import check_seq_len, iterate_batches, prepare_data, tokenizer_fingerprint
 from toolchain.errors import UserError, setting
 from toolchain.losses import next_token_nll
 from toolchain.models import load_frozen_model, load_model, load_tokenizer

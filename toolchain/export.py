@@ -26,20 +26,9 @@ import torch
 
 from toolchain.errors import UserError, setting
 from toolchain.modelopt_compat import modelopt
-from toolchain.models import (
-    load_model,
-    read_config,
-    resolve_dtype,
-    resolve_model_dir,
-    save_tokenizer,
-)
+from toolchain.models import load_model, read_config, resolve_dtype, resolve_model_dir, save_tokenizer
 from toolchain.paths import atomic_output_dir, check_output_location, directory_bytes
-from toolchain.quantize import (
-    check_quantizable,
-    is_quantized_checkpoint,
-    load_quantized_model,
-    quantized_format,
-)
+from toolchain.quantize import check_quantizable, is_quantized_checkpoint, load_quantized_model, quantized_format
 from toolchain.settings import ExportConfig
 from toolchain.trtllm_checkpoint import check_parallelism, validate_checkpoint
 
@@ -163,12 +152,10 @@ def export(model: str, out: str | Path, settings: ExportConfig, overwrite: bool 
 
 
 def configure_parser(parser) -> None:
-    from toolchain.cli_args import add_recipe_source, add_section_flags
+    from toolchain.cli_args import add_output_flags, add_recipe_source, add_section_flags
 
     parser.add_argument("model", help="model: a local Hugging Face directory, a built-in name, or a `minitron quantize` output")
-    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new output is complete")
-    parser.add_argument("--json", action="store_true", help="print JSON")
+    add_output_flags(parser, "output directory")
     add_recipe_source(parser)
     add_section_flags(parser, "export")
 

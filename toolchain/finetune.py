@@ -13,22 +13,9 @@ from toolchain.data import check_seq_len
 from toolchain.distributed import distributed_context, prepare_data_on_ranks
 from toolchain.evaluate import evaluate_model
 from toolchain.losses import next_token_nll
-from toolchain.models import (
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    resolve_model_dir,
-)
+from toolchain.models import load_model, load_tokenizer, model_fingerprint, resolve_model_dir
 from toolchain.settings import ComputeConfig, DataConfig, EvalConfig, TrainingConfig
-from toolchain.training import (
-    TrainingTask,
-    prepare_student,
-    publish_run_dir,
-    run_identity,
-    train,
-    working_dir,
-    write_final_model,
-)
+from toolchain.training import TrainingTask, prepare_student, publish_run_dir, run_identity, train, working_dir, write_final_model
 
 
 def finetune(model: str, out: Path, training: TrainingConfig, data: DataConfig, compute: ComputeConfig, evaluation: EvalConfig,

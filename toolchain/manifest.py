@@ -18,7 +18,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from toolchain.errors import UserError
+from toolchain.errors import UserError, validation_message
+from toolchain.paths import read_json_object
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
@@ -76,10 +77,12 @@ def read_manifest(engine_dir: Path) -> EngineManifest:
     path = Path(engine_dir) / MANIFEST_FILE
     if not path.is_file():
         raise UserError(f"{engine_dir} has no {MANIFEST_FILE}; it is not an engine directory: build one with `minitron build`")
+    fix = "rebuild the engine with `minitron build`"
     try:
-        manifest = EngineManifest.model_validate(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValidationError) as exc:
-        raise UserError(f"{path} is not a valid engine manifest ({str(exc).splitlines()[0]}); rebuild the engine with `minitron build`") from None
+        manifest = EngineManifest.model_validate(read_json_object(path, fix))
+    except ValidationError as exc:
+        field, message = validation_message(exc)
+        raise UserError(f"{path} is not a valid engine manifest ({field}: {message}); {fix}") from None
     for part in (manifest.model_dir, manifest.tokenizer_dir):
         if not (Path(engine_dir) / part).is_dir():
             raise UserError(f"engine directory {engine_dir} lacks {part}/ named by its manifest; rebuild it with `minitron build`")

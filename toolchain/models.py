@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from toolchain.errors import UserError
-from toolchain.paths import atomic_output_dir, cache_dir
+from toolchain.paths import atomic_output_dir, cache_dir, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,7 @@ def read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{path} has no config.json; pass a Hugging Face model directory")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {config_file}: {exc}; re-save the model with save_pretrained") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_file} holds a JSON {type(config).__name__}, not an object of model settings; re-save the model with save_pretrained")
-    return config
+    return read_json_object(config_file, "re-save the model with save_pretrained")
 
 
 def head_dim(config) -> int:

@@ -6,6 +6,7 @@ Ctrl-C leaves the old output as it was. Output locations are checked before any 
 """
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -97,6 +98,17 @@ def atomic_output_dir(out: Path, overwrite: bool = False):
 def directory_bytes(directory: Path, pattern: str = "**/*") -> int:
     """Bytes of the files under `directory` that match `pattern`."""
     return sum(path.stat().st_size for path in Path(directory).glob(pattern) if path.is_file())
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON file that must hold an object (a config, a manifest); unreadable or other JSON is a user error ending in `fix`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}; {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object of settings; {fix}")
+    return data
 
 
 def atomic_write_text(path: Path, text: str) -> None:

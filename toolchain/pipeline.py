@@ -40,23 +40,9 @@ from toolchain import __version__
 from toolchain.data import prepare_data, source_fingerprint
 from toolchain.errors import UserError, settings_named_by
 from toolchain.evaluate import evaluate_model
-from toolchain.models import (
-    load_config,
-    load_frozen_model,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    parameter_counts,
-    resolve_model_dir,
-)
+from toolchain.models import load_config, load_frozen_model, load_model, load_tokenizer, model_fingerprint, parameter_counts, resolve_model_dir
 from toolchain.paths import atomic_write_text, check_output_location, replace_path
-from toolchain.recipe import (
-    Recipe,
-    StudentConfig,
-    check_recipe_inputs,
-    load_recipe,
-    recipe_field_namer,
-)
+from toolchain.recipe import Recipe, StudentConfig, check_recipe_inputs, load_recipe, recipe_field_namer
 from toolchain.settings import EvalConfig
 
 log = logging.getLogger(__name__)

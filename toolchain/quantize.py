@@ -34,16 +34,7 @@ from toolchain.data import check_seq_len, iterate_batches, prepare_data
 from toolchain.errors import UserError, setting
 from toolchain.evaluate import evaluate_model
 from toolchain.modelopt_compat import modelopt
-from toolchain.models import (
-    head_dim,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    read_config,
-    resolve_dtype,
-    resolve_model_dir,
-    save_tokenizer,
-)
+from toolchain.models import head_dim, load_model, load_tokenizer, model_fingerprint, read_config, resolve_dtype, resolve_model_dir, save_tokenizer
 from toolchain.paths import atomic_output_dir, check_output_location, directory_bytes
 from toolchain.progress import progress_bar
 from toolchain.settings import ComputeConfig, DataConfig, EvalConfig, QuantizeConfig
@@ -226,12 +217,10 @@ def quantize(model: str, out: str | Path, settings: QuantizeConfig, data: DataCo
 
 
 def configure_parser(parser) -> None:
-    from toolchain.cli_args import add_recipe_source, add_section_flags
+    from toolchain.cli_args import add_output_flags, add_recipe_source, add_section_flags
 
     parser.add_argument("model", help="model to quantize: a local Hugging Face directory or a built-in name")
-    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new output is complete")
-    parser.add_argument("--json", action="store_true", help="print JSON")
+    add_output_flags(parser, "output directory: the quantized checkpoint")
     add_recipe_source(parser)
     for section in ("quantize", "data", "compute", "eval"):
         add_section_flags(parser, section)

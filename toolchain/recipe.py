@@ -13,13 +13,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from toolchain.errors import UserError, validation_message
-from toolchain.named_yaml import (
-    apply_override,
-    builtin_names,
-    parse_yaml,
-    read_named_text,
-    read_named_yaml,
-)
+from toolchain.named_yaml import apply_override, builtin_names, parse_yaml, read_named_text, read_named_yaml
 from toolchain.settings import (
     SECTIONS,
     BenchConfig,

@@ -247,10 +247,7 @@ def state_dict_options(**kwargs):
 def save_checkpoint(out: Path, step: int, tokens: int, model: nn.Module, optimizer, scheduler, rng_state: torch.Tensor,
                     student_config, keep: int, runtime: Distributed) -> Path:
     """Write checkpoint `step` into a hidden directory and rename it into place, then drop the oldest beyond `keep`."""
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     model_state = get_model_state_dict(model, options=state_dict_options())  # collective under FSDP
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=state_dict_options())
@@ -281,10 +278,7 @@ def save_checkpoint(out: Path, step: int, tokens: int, model: nn.Module, optimiz
 def load_checkpoint(checkpoint: Path, task: TrainingTask, optimizer, scheduler, runtime: Distributed) -> tuple[int, int]:
     """Restore student, optimizer, scheduler and this rank's RNG state; returns (step, tokens)."""
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     broadcast = runtime.world_size > 1
     model = task.model

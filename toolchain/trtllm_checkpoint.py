@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from toolchain.errors import UserError
+from toolchain.models import head_dim
+from toolchain.paths import read_json_object
 
 CONFIG_FILE = "config.json"
 REQUIRED_CONFIG_KEYS = (
@@ -102,12 +104,7 @@ def read_checkpoint_config(directory: Path) -> dict:
         raise UserError(f"{directory} is not a directory; pass a TensorRT-LLM checkpoint directory (config.json + rank*.safetensors)")
     if not path.is_file():
         raise UserError(f"{directory} has no {CONFIG_FILE}; it is not a TensorRT-LLM checkpoint (export one with `minitron export --format trtllm`)")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} is not a JSON object; it is not a TensorRT-LLM checkpoint config")
+    config = read_json_object(path, "it is not a TensorRT-LLM checkpoint config (export one with `minitron export --format trtllm`)")
     if "architectures" in config and not any(Path(directory).glob("rank*.safetensors")):
         raise UserError(f"{directory} is a Hugging Face checkpoint (config.json with architectures, no rank*.safetensors), not a TensorRT-LLM one; "
                         f"`minitron export {directory} --format trtllm --out DIR` turns it into one")
@@ -212,7 +209,7 @@ def source_problems(config: dict, source: dict) -> list[str]:
         "num_hidden_layers": source["num_hidden_layers"],
         "num_attention_heads": heads,
         "num_key_value_heads": source.get("num_key_value_heads") or heads,
-        "head_size": source.get("head_dim") or source["hidden_size"] // heads,
+        "head_size": head_dim(source),
         "intermediate_size": source["intermediate_size"],
         "rotary_base": rope.get("rope_theta", source.get("rope_theta", 10000.0)),
         "norm_epsilon": source.get("rms_norm_eps"),

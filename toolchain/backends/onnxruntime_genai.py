@@ -81,12 +81,7 @@ class OnnxRuntimeGenAI(EngineBackend):
     def write_repository(self, engine_dir: Path, manifest: EngineManifest, repository: Path, model_name: str, instances: int,
                          max_batch_size: int, threads: int | None) -> list[str]:
         """One decoupled python model that runs the CpuEngine, `threads` intra-op threads per instance."""
-        from toolchain.serve.repository import (
-            ENSEMBLE_INPUTS,
-            ENSEMBLE_OUTPUTS,
-            copy_model_code,
-            model_config,
-        )
+        from toolchain.serve.repository import ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, copy_model_code, model_config
 
         engine_dir = Path(engine_dir).resolve()
         parameters = {

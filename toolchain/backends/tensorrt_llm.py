@@ -258,14 +258,7 @@ class TensorRTLLM(EngineBackend):
                          max_batch_size: int, threads: int | None) -> list[str]:
         """preprocessing -> tensorrt_llm -> postprocessing, and the ensemble that chains them (tensorrtllm backend layout)."""
         from toolchain.engine_profile import EngineProfile
-        from toolchain.serve.repository import (
-            ENSEMBLE,
-            ENSEMBLE_INPUTS,
-            ENSEMBLE_OUTPUTS,
-            TensorSpec,
-            copy_model_code,
-            model_config,
-        )
+        from toolchain.serve.repository import ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, TensorSpec, copy_model_code, model_config
 
         if model_name != ENSEMBLE:
             raise UserError(f"a TensorRT-LLM engine is served as model '{ENSEMBLE}' beside its preprocessing, tensorrt_llm and "

@@ -19,21 +19,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from toolchain.data import check_seq_len, data_key, shard_rows
-from toolchain.distributed import (
-    Distributed,
-    distributed_context,
-    prepare_data_on_ranks,
-)
+from toolchain.distributed import Distributed, distributed_context, prepare_data_on_ranks
 from toolchain.errors import UserError
-from toolchain.models import (
-    load_config,
-    load_frozen_model,
-    load_tokenizer,
-    model_fingerprint,
-    parameter_counts,
-    resolve_model_dir,
-    save_tokenizer,
-)
+from toolchain.models import load_config, load_frozen_model, load_tokenizer, model_fingerprint, parameter_counts, resolve_model_dir, save_tokenizer
 from toolchain.paths import atomic_output_dir, check_output_location, replace_path
 from toolchain.prune.importance import (
     WIDTH_SCORES,
@@ -250,14 +238,12 @@ def prune(model: str, out: Path, settings: PruneConfig, importance: ImportanceCo
 
 
 def configure_parser(parser) -> None:
-    from toolchain.cli_args import add_recipe_source, add_section_flags
+    from toolchain.cli_args import add_output_flags, add_recipe_source, add_section_flags
 
     parser.add_argument("--model", help="teacher: a local Hugging Face directory or a built-in name (default: the --recipe's teacher)")
-    parser.add_argument("--out", required=True, type=Path, help="output directory (written atomically; must be empty or absent unless --overwrite)")
+    add_output_flags(parser, "output directory: the pruned checkpoint")
     parser.add_argument("--importance", dest="importance_file", type=Path,
                         help="reuse the importance.safetensors of an earlier prune of the same model (scores computed with other settings are refused)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new output is complete")
-    parser.add_argument("--json", action="store_true", help="print pruning.json instead of a summary")
     add_recipe_source(parser, student=True)
     for section in ("prune", "importance", "data", "compute"):
         add_section_flags(parser, section)
