@@ -88,9 +88,15 @@ def ran_after(recipe: str, *overrides: str) -> list[str]:
     return run_pipeline(load_recipe(recipe, list(overrides)))["stages"]["ran"]
 
 
-def test_a_changed_setting_reruns_its_stage_and_what_depends_on_it(teacher, corpus_jsonl, tmp_path):
+def test_a_changed_setting_reruns_its_stage_and_what_depends_on_it(teacher, corpus_jsonl, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    loaded = []
+    from_pretrained = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda path, *a, **k: loaded.append(str(path)) or from_pretrained(path, *a, **k))
     recipe = write_recipe(tmp_path, teacher, corpus_jsonl)
     first = ran_after(recipe)
+    assert loaded.count(str(teacher)) == 1  # eval, importance, pruning and distillation of both students share one teacher
     width = ["students/width/pruned", "students/width/pruned-eval", "students/width/distilled", "students/width/distilled-eval"]
     depth = [stage.replace("width", "depth") for stage in width]
     assert first == ["teacher-eval", "importance", *width, *depth]

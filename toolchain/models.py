@@ -268,7 +268,7 @@ def load_frozen_model(model: str | Path, dtype: str | torch.dtype = "auto", devi
     if key not in _frozen_models:
         _frozen_models.clear()
         _frozen_models[key] = load_model(path, dtype=dtype, device=device).requires_grad_(False)
-    return _frozen_models[key]
+    return _frozen_models[key].eval()
 
 
 def parameter_counts(config) -> dict:
