@@ -1,9 +1,9 @@
 """The search space: closed-form parameter counts, valid uniform shapes, the published Minitron shapes inside it."""
 
 import pytest
+from conftest import tiny_config
 from test_prune import llama_3_1_8b_config
 
-from conftest import tiny_config
 from toolchain.models import parameter_counts
 from toolchain.prune.shapes import ModelShape, pruned_config
 from toolchain.search_space import Architecture, axis_values, enumerate_shapes, parameter_count
