@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+DepthMethod = Literal["lm_loss", "lm_loss_contiguous", "block_importance", "random"]
 
 
 def flag(name: str) -> dict:
@@ -66,7 +67,7 @@ class ImportanceConfig(Section):
     calibration_samples: int = Field(1024, gt=0, description="Calibration sequences for importance (Minitron uses 1024).")
     depth_calibration_samples: int | None = Field(None, gt=0, description="Calibration sequences for LM-loss layer scores (one forward pass per candidate); none uses calibration_samples.")
     batch_size: int = Field(8, gt=0, description="Sequences per importance forward pass.")
-    seed: int = Field(0, description="Seed of the random baselines (random importance, random depth).")
+    seed: int = Field(0, description="Seed of the random baselines (random importance, random depth).", json_schema_extra=flag("--importance-seed"))
 
 
 PRUNE_TARGETS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads", "num_layers", "drop_layers")
@@ -81,7 +82,7 @@ class PruneConfig(Section):
     num_key_value_heads: int | None = Field(None, gt=0, description="Target key-value heads (whole GQA groups); none keeps all.")
     num_layers: int | None = Field(None, gt=0, description="Target decoder layers (depth), chosen by depth_method; none keeps all.")
     drop_layers: str | None = Field(None, description="Explicit layers to drop, e.g. '16-31' or '3,5,7-9' (0-based); overrides depth_method.")
-    depth_method: Literal["lm_loss", "lm_loss_contiguous", "block_importance", "random"] = Field(
+    depth_method: DepthMethod = Field(
         "lm_loss", description="How layers are chosen: LM-loss increase of each layer alone, of the best contiguous block, block importance (1 - cos), or random (baseline).")
 
     def targets(self) -> dict:
@@ -203,6 +204,22 @@ class BenchConfig(Section):
         return levels
 
 
+class SearchConfig(Section):
+    """Architecture search under a budget: which uniform students are candidates, and how briefly each is distilled."""
+
+    budget: str | None = Field(None, description="KIND=VALUE: params=4.5B or params=50% (total parameters), non_embedding=50%, memory=9GiB, speedup=1.8x or latency=20ms (the last three need a profile).")
+    profile: str | None = Field(None, description="Engine profile the memory, speedup and latency budgets are measured on: projected for a GPU profile, measured on the CPU engine for a CPU one.")
+    hidden_multiple: int = Field(64, gt=0, description="Candidate hidden sizes are multiples of this (and the teacher's own).")
+    ffn_multiple: int = Field(128, gt=0, description="Candidate FFN sizes are multiples of this (and the teacher's own).")
+    layer_step: int = Field(1, gt=0, description="Candidate layer counts step down from the teacher's by this.")
+    min_fraction: float = Field(0.5, gt=0, le=1, description="No axis is searched below this share of the teacher's size.")
+    search_heads: bool = Field(True, description="Search query and key-value heads too (whole GQA groups, equal heads per group); off keeps the teacher's.")
+    tolerance: float = Field(0.01, ge=0, lt=1, description="A budget is met within this share (parameter counts are quoted rounded).")
+    max_candidates: int = Field(6, gt=0, description="Candidates distilled, evenly spread over the survivors, besides the best width-only and depth-only ones.")
+    tokens: int = Field(16384, gt=0, description="Distillation tokens per candidate (the same short budget for all).")
+    depth_method: DepthMethod = Field("lm_loss", description="How candidates with fewer layers choose them (as prune.depth_method).")
+
+
 # Section key -> model: how `toolchain.errors.setting("key.field")` finds a field's flag, and what
 # the recipe's top-level sections are made of (students' `prune` and `distill` and the teacher's
 # `correction` are sections too; `training` names the loop settings wherever they come from).
@@ -220,4 +237,5 @@ SECTIONS: dict[str, type[Section]] = {
     "engine": EngineConfig,
     "serve": ServeConfig,
     "bench": BenchConfig,
+    "search": SearchConfig,
 }
