@@ -64,6 +64,9 @@ def test_recipe_file_and_errors(tmp_path):
     path.write_text(yaml.safe_dump({"name": "dup", "students": [{"name": "a"}, {"name": "a"}]}))
     with pytest.raises(UserError, match="unique"):
         load_recipe(str(path))
+    path.write_text(yaml.safe_dump({"name": "dup", "students": [{"name": "teacher"}]}))
+    with pytest.raises(UserError, match="cannot be named 'teacher'"):
+        load_recipe(str(path))
 
 
 def test_schema_documents_every_field():

@@ -65,6 +65,8 @@ class Recipe(Section):
         names = [student.name for student in self.students]
         if len(names) != len(set(names)):
             raise ValueError(f"student names must be unique, got {names}")
+        if "teacher" in names:
+            raise ValueError("a student cannot be named 'teacher' (the teacher's rows and engine go by that name)")
         return self
 
     def resolved_output_dir(self) -> Path:
