@@ -17,7 +17,6 @@ import logging
 import platform
 import shlex
 import sys
-from importlib import metadata
 from pathlib import Path
 
 from toolchain.bench.bound import Device, ModelCost, load_point_bound, measure_cpu
@@ -41,16 +40,11 @@ def environment(threads: int) -> dict:
     import torch
 
     from toolchain.bench.bound import cpu_name
+    from toolchain.manifest import library_versions
 
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "platform": platform.platform(), "python": platform.python_version(), "libraries": versions}
+            "platform": platform.platform(), "python": platform.python_version(), "libraries": library_versions(LIBRARIES)}
 
 
 def projection_profiles(names: list[str] | None) -> list:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from toolchain.bench.load import BenchRequest, LoadPointRequests
 from toolchain.errors import UserError, setting, validation_message
@@ -98,19 +98,12 @@ class Workload(Section):
             raise ValueError(f"requests must be positive, got {requests}")
         return requests
 
-    @field_validator("concurrency")
+    @field_validator("concurrency", "request_rate")
     @classmethod
-    def positive_concurrency(cls, levels: list[int] | None) -> list[int] | None:
-        if levels is not None and any(level <= 0 for level in levels):
-            raise ValueError(f"every concurrency must be positive, got {levels}")
-        return levels
-
-    @field_validator("request_rate")
-    @classmethod
-    def positive_rates(cls, rates: list[float] | None) -> list[float] | None:
-        if rates is not None and any(rate <= 0 for rate in rates):
-            raise ValueError(f"every request rate must be positive, got {rates}")
-        return rates
+    def positive_sweep(cls, values: list | None, info: ValidationInfo) -> list | None:
+        if values is not None and any(value <= 0 for value in values):
+            raise ValueError(f"every {info.field_name.replace('_', ' ')} must be positive, got {values}")
+        return values
 
     @model_validator(mode="after")
     def one_sweep(self):
