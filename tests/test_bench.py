@@ -109,7 +109,7 @@ def test_todays_form_an_engine_and_a_running_server(engines, student_url, tmp_pa
     teacher, student = written["models"]
     assert teacher["load_points"][0]["bound"]["fraction"] > 0 and student["load_points"][0]["bound"] is None
     assert "running server" in student["no_bound_reason"] and written["projection"] is None
-    assert student["load_points"][0]["speedup"]["output_tokens_per_s"] > 0 and "| student | 1 clients |" in result.stdout
+    assert student["load_points"][0]["speedup"]["output_tokens_per_s"] > 0 and "| student | 1 client |" in result.stdout
 
 
 def test_refusals_before_any_work(models, engines_or_none, tmp_path, tokenizer_dir):

@@ -75,7 +75,7 @@ def test_run_whole_pipeline_then_rerun_and_change_the_bench(teacher, tmp_path, t
     assert set(bench["projection"]["profiles"]) == {"cpu-fp32"}  # the recipe's target profile, on this CPU as measured
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     report = (run_dir / "summary.md").read_text()
-    assert "| width (distilled) |" in report and "| depth | 1 clients |" in report and "| cpu-fp32 | width |" in report
+    assert "| width (distilled) |" in report and "| depth | 1 client |" in report and "| cpu-fp32 | width |" in report
     assert "![speedup.png](bench/speedup.png)" in report and (run_dir / "bench" / "speedup.png").is_file()
     packed = [json.loads(meta.read_text()) for meta in (isolated_cache / "data").glob("*/meta.json")]
     packed = [meta for meta in packed if meta["spec"] == str(body)]

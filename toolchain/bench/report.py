@@ -18,11 +18,21 @@ def share(value) -> str:
 
 
 def load_text(load: dict) -> str:
-    return f"{load['concurrency']} clients" if "concurrency" in load else f"{load['request_rate']:g} req/s"
+    if "concurrency" in load:
+        return f"{load['concurrency']} client{'s' if load['concurrency'] != 1 else ''}"
+    return f"{load['request_rate']:g} req/s"
+
+
+def milliseconds(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
 def pair(stats: dict, low: str = "p50", high: str = "p99") -> str:
-    return f"{stats[low]:,.0f} / {stats[high]:,.0f}" if stats else "–"
+    return f"{milliseconds(stats[low])} / {milliseconds(stats[high])}" if stats else "–"
+
+
+def rate(flops_per_s: float) -> str:
+    return f"{flops_per_s / 1e12:,.0f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:,.0f} GFLOP/s"
 
 
 def format_workload(results: dict) -> str:
@@ -42,7 +52,7 @@ def format_results(results: dict, plots_prefix: str = "") -> str:
     lines += [f"Environment: {env['cpu']} ({env['cpu_count']} cores), {results['threads']} thread(s) per engine, "
               f"GPU {env['gpu'] or 'none'}; {', '.join(f'{k} {v}' for k, v in env['libraries'].items() if v)}.", ""]
     if machine:
-        peaks = ", ".join(f"{k} {v:,.1f} TFLOP/s" for k, v in machine["peak_tflops"].items())
+        peaks = ", ".join(f"{k} {rate(v)}" for k, v in machine["peak_flops"].items())
         lines += [f"Bound device: {machine['name']}: {machine['bandwidth_gb_s']:.1f} GB/s, {peaks} ({machine['source']}).", ""]
     lines += ["| model | load | req/s | out tok/s | tok/s/user | TTFT p50 / p99 ms | ITL p50 / p99 ms | E2E p50 / p99 ms | errors | "
               "decode / roofline |", "|---|---|---|---|---|---|---|---|---|---|"]
