@@ -42,7 +42,7 @@ def environment(threads: int) -> dict:
     from toolchain.bench.bound import cpu_name
     from toolchain.manifest import library_versions
 
-    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads,
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": threads, "load_average_1min": os.getloadavg()[0],
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "platform": platform.platform(), "python": platform.python_version(), "libraries": library_versions(LIBRARIES)}
 
@@ -159,6 +159,7 @@ def bench(teacher: str, students: list[str], settings: BenchConfig, data: DataCo
     check_limits(workload, prepared)
     points = draw_requests(workload, prepared[targets[0].label].tokenizer, data)
     device, no_device = bound_device(settings.backend, compute, targets, settings.threads)
+    started = environment(settings.threads)  # the load average before the run: other work on the machine skews every number
     models = []
     for target in targets:
         ready = prepared[target.label]
@@ -183,7 +184,7 @@ def bench(teacher: str, students: list[str], settings: BenchConfig, data: DataCo
             point["speedup"] = student_speedup(point, teacher_point)
     configs = {label: ready.config for label, ready in prepared.items()}
     results = {"command": command, "backend": settings.backend, "threads": settings.threads, "workload": workload.model_dump(mode="json"),
-               "environment": environment(settings.threads), "bound_device": device.describe() if device else None, "models": models,
+               "environment": {**started, "load_average_1min_after": environment(settings.threads)["load_average_1min"]}, "bound_device": device.describe() if device else None, "models": models,
                "projection": projection_of(configs, profiles, workload, device) if None not in configs.values() else None}
     if out is not None:
         write_results(results, Path(out))

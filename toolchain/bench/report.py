@@ -50,7 +50,8 @@ def format_results(results: dict, plots_prefix: str = "") -> str:
     if results.get("command"):
         lines += [f"Produced by: `{results['command']}`", ""]
     lines += [f"Environment: {env['cpu']} ({env['cpu_count']} cores), {results['threads']} thread(s) per engine, "
-              f"GPU {env['gpu'] or 'none'}; {', '.join(f'{k} {v}' for k, v in env['libraries'].items() if v)}.", ""]
+              f"GPU {env['gpu'] or 'none'}, load average {env['load_average_1min']:.1f} before and {env['load_average_1min_after']:.1f} after "
+              f"the run (other work on the machine slows every number); {', '.join(f'{k} {v}' for k, v in env['libraries'].items() if v)}.", ""]
     if machine:
         peaks = ", ".join(f"{k} {rate(v)}" for k, v in machine["peak_flops"].items())
         lines += [f"Bound device: {machine['name']}: {machine['bandwidth_gb_s']:.1f} GB/s, {peaks} ({machine['source']}).", ""]
