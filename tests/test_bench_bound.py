@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
-from toolchain.bench.bound import Cost, Device, ModelCost, decode_bound, measure_cpu, precision_of
+from toolchain.bench.bound import Cost, Device, ModelCost, decode_bound, load_point_bound, measure_cpu, precision_of
 from toolchain.bench.projection import profile_device, project
 from toolchain.engine_profile import load_profile
 
@@ -72,6 +72,18 @@ def test_decode_bound_at_a_load_point(configs):
     step = cost.decode_step(1, 192)
     assert bound["batch"] == 1 and bound["bytes_per_token"] == step.bytes
     assert bound["tokens_per_s"] == pytest.approx(20e9 / step.bytes) and bound["bound_by"] == "bandwidth"
+
+
+def test_load_point_bound_takes_the_decoding_requests_as_the_batch(configs):
+    """Two clients of an engine that decodes one request at a time: two in flight, one decoding; the bound is batch 1's."""
+    cost = ModelCost.from_config(configs["8B"], precision_of("float32"))
+    device = Device("cpu", bandwidth=20e9, peak_flops={"float32": 100e9}, memory=None, source="test")
+    point = {"itl_ms": {"mean": 2000.0}, "mean_in_flight": 1.95, "mean_decoding": 0.98, "input_tokens_per_request": 128,
+             "output_tokens_per_request": 128}
+    bound = load_point_bound(cost, device, point, max_batch=8)
+    assert bound["batch"] == 1 and bound["decode_tokens_per_s"] == pytest.approx(0.5)
+    assert bound["fraction"] == pytest.approx(0.5 / decode_bound(cost, device, 1, 192)["tokens_per_s"])
+    assert load_point_bound(cost, device, {**point, "mean_decoding": 6.8}, max_batch=4)["batch"] == 4  # at most the engine's batch
 
 
 def test_projection_onto_h100_fp8(configs):

@@ -47,6 +47,7 @@ def test_load_point_metrics_from_timelines():
     assert metrics["output_tokens_per_s_per_user"] == pytest.approx((10 + 20) / 2)  # 1 / ITL of each request, averaged
     assert metrics["input_tokens_per_request"] == pytest.approx(10) and metrics["output_tokens_per_request"] == pytest.approx(4)
     assert metrics["mean_in_flight"] == pytest.approx(0.8)  # Little's law: 0.8 s of requests in 1 s
+    assert metrics["mean_decoding"] == pytest.approx(0.4)  # 0.2 s between first and last token, each
     assert metrics["samples"]["output_tokens"] == [3, 5]
 
 

@@ -157,10 +157,14 @@ def decode_bound(cost: ModelCost, device: Device, batch: float, context: float) 
 
 
 def load_point_bound(cost: ModelCost, device: Device, point: dict, max_batch: int) -> dict | None:
-    """The roofline at this load point (batch: the mean requests in flight, at most the engine's batch) and the measured decode rate against it."""
-    if not point["itl_ms"] or not point["mean_in_flight"]:
+    """The roofline at this load point and the measured decode rate (batch / mean ITL) against it.
+
+    The batch is the mean number of requests between their first and last token (Little's law over the
+    decode phase), at most the engine's batch: requests queued before their first token are in flight
+    but not decoding, so an engine that serves one request at a time is bound as batch 1."""
+    if not point["itl_ms"] or not point["mean_decoding"]:
         return None
-    batch = max(1.0, min(point["mean_in_flight"], max_batch))
+    batch = max(1.0, min(point["mean_decoding"], max_batch))
     context = point["input_tokens_per_request"] + point["output_tokens_per_request"] / 2
     bound = decode_bound(cost, device, batch, context)
     decode_rate = bound["batch"] / (point["itl_ms"]["mean"] / 1e3)

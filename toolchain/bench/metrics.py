@@ -4,7 +4,9 @@ A request's timeline is when it was sent, when each piece of its answer arrived 
 each piece held. From it: time to first token (TTFT), inter-token latency (ITL: the time between the
 first and the last token over the tokens after the first, per request, as genai-perf and AIPerf
 define it), end-to-end latency (E2E), and per load point request throughput, output tokens/s and
-output tokens/s per user (1 / ITL, averaged over requests, as AIPerf reports it). Each latency has
+output tokens/s per user (1 / ITL, averaged over requests, as AIPerf reports it), and by Little's law
+the mean number of requests in flight and in their decode phase (what the bound takes as the batch).
+Each latency has
 mean, p50, p90, p95, p99 (nearest rank, the definition those tools use for small samples), min and
 max. Pure Python: no framework, no clock of its own (callers pass perf_counter times), so GPU
 scripts that carry only torch can import it.
@@ -94,6 +96,7 @@ def load_point_metrics(records: list[RequestRecord], started: float, stopped: fl
         "requests_per_s": len(answered) / wall if wall > 0 else None,
         "output_tokens_per_s": sum(output_tokens) / wall if wall > 0 else None,
         "output_tokens_per_s_per_user": statistics.fmean([1 / value for value in itl_values if value > 0]) if itl_values else None,
-        "mean_in_flight": sum(e2e) / wall if wall > 0 else None,  # Little's law: the average number of requests being served
+        "mean_in_flight": sum(e2e) / wall if wall > 0 else None,  # Little's law: the average number of requests sent and not yet answered
+        "mean_decoding": sum(record.arrivals[-1] - record.arrivals[0] for record in answered) / wall if wall > 0 else None,  # ... between first and last token
         "samples": {"ttft_ms": ms(ttft), "itl_ms": ms(itl_values), "e2e_ms": ms(e2e), "output_tokens": output_tokens},
     }
