@@ -20,12 +20,12 @@ import contextlib
 import importlib.util
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from toolchain.bench.bound import Precision, precision_of
-from toolchain.bench.load import RequestFailed
+from toolchain.bench.load import BenchRequest, RequestFailed
 from toolchain.errors import UserError
 from toolchain.settings import ComputeConfig, ServeConfig
 
@@ -59,8 +59,8 @@ class Prepared:
 class Running:
     """A target being served for the benchmark: `send(request)` yields token counts as they arrive."""
 
-    send: object
-    harness_seconds: object = lambda: 0.0  # time the runner's own code spent routing tokens so far (torch)
+    send: Callable[[BenchRequest], Iterator[int]]
+    harness_seconds: Callable[[], float] = lambda: 0.0  # time the runner's own code spent routing tokens so far (torch)
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,6 @@ def engine_config(engine_dir: Path, manifest):
     from transformers import AutoConfig
 
     source = Path(manifest.source_model)
-    if not source.is_absolute():
-        source = (Path.cwd() / source)
     if not (source / "config.json").is_file():
         from toolchain.models import BUILTIN_MODELS, resolve_model_dir
 
