@@ -121,6 +121,8 @@ def test_refusals_before_any_work(models, engines_or_none, tmp_path, tokenizer_d
         run("cpu-engine", student)
     with pytest.raises(UserError, match="is an engine directory; --backend torch runs Hugging Face models"):
         bench(str(engines_or_none), [student], settings("torch"), DataConfig(), ServeConfig())
+    with pytest.raises(UserError, match="--url names models on a running Triton server; measure them with --backend triton, not torch"):
+        run("torch", student, url="127.0.0.1:8001")
     with pytest.raises(UserError, match="--labels names 3 models but 2 were given"):
         run("torch", student, labels=["a", "b", "c"])
     with pytest.raises(UserError, match="labels must differ"):

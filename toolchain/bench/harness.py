@@ -143,6 +143,8 @@ def bench(teacher: str, students: list[str], settings: BenchConfig, data: DataCo
     is written. With `out`, results.json, results.md and the plots are written there.
     """
     runner = RUNNERS[settings.backend]
+    if url is not None and settings.backend != "triton":
+        raise UserError(f"--url names models on a running Triton server; measure them with --backend triton, not {settings.backend}")
     reason = runner.unavailable_reason()
     if reason is not None:
         raise UserError(f"--backend {settings.backend} cannot run here: {reason}")
