@@ -17,10 +17,10 @@ def parse(*argv):
 
 
 def test_types_lists_booleans_and_none():
-    args = parse("--seq-len", "64", "--adam-betas", "0.8,0.99", "--no-autocast", "--concurrency", "1,4,8", "--eval-batches", "none",
+    args = parse("--seq-len", "64", "--adam-betas", "0.8,0.99", "--no-autocast", "--profile", "h100-fp8,l4-int4-awq", "--eval-batches", "none",
                  "--lr", "-1e-4")
     data, bench, evaluation = sections_from_args(args, "data", "bench", "eval")
-    assert data.seq_len == 64 and bench.concurrency == [1, 4, 8] and evaluation.max_batches is None
+    assert data.seq_len == 64 and bench.profiles == ["h100-fp8", "l4-int4-awq"] and evaluation.max_batches is None
     assert vars(args)["training.adam_betas"] == [0.8, 0.99] and vars(args)["training.autocast"] is False
     assert vars(args)["training.lr"] == -1e-4  # parsed as a number (not taken for a flag); the section refuses it
 

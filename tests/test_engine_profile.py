@@ -1,4 +1,4 @@
-"""Engine profiles: every shipped one loads (also from a wheel install); self-contradicting ones are refused with the reason."""
+"""Engine profiles: every shipped one loads (also from a wheel install, with the benchmark workloads); self-contradicting ones are refused with the reason."""
 
 import os
 import shutil
@@ -31,6 +31,20 @@ def test_required_profiles_are_shipped():
     for name, (backend, target, quantization) in REQUIRED.items():
         profile = load_profile(name)
         assert (profile.backend, profile.target, profile.quantization) == (backend, target, quantization)
+
+
+# Data-sheet figures of the GPU profiles (dense Tensor Core peaks), as checked against NVIDIA's data sheets (REFERENCE §9).
+DATA_SHEETS = {"h100-fp8": (80, 3350, {"bfloat16": 989, "fp8": 1979}), "h200-fp8": (141, 4800, {"bfloat16": 989, "fp8": 1979}),
+               "a100-bf16": (80, 2039, {"bfloat16": 312}), "l40s-fp8": (48, 864, {"bfloat16": 362.05, "fp8": 733}),
+               "l4-int4-awq": (24, 300, {"float16": 121, "fp8": 242.5})}
+
+
+def test_gpu_profiles_carry_their_data_sheets():
+    for name, (memory, bandwidth, peaks) in DATA_SHEETS.items():
+        device = load_profile(name).device
+        assert (device.memory_gb, device.memory_bandwidth_gb_s) == (memory, bandwidth) and "data sheet" in device.source
+        assert {precision: device.dense_tflops[precision] for precision in peaks} == peaks
+    assert load_profile("cpu-fp32").device is None
 
 
 GPU_BASE = yaml.safe_load((PROFILES_DIR / "h100-fp8.yaml").read_text())
@@ -68,6 +82,12 @@ def changed(base: dict, **changes) -> dict:
     (changed(CPU_BASE, dtype="bfloat16"), "dtype bfloat16 on CPU"),
     (changed(CPU_BASE, max_input_len=4096), "max_input_len 4096 > max_seq_len 2048"),
     (changed(CPU_BASE, max_batch_sise=4), "max_batch_sise: Extra inputs are not permitted"),
+    ({k: v for k, v in GPU_BASE.items() if k != "device"}, "device is required for a H100 profile"),
+    (changed(CPU_BASE, device=GPU_BASE["device"]), "a cpu profile takes no data-sheet figures"),
+    (changed(GPU_BASE, device={**GPU_BASE["device"], "dense_tflops": {"bfloat16": 989}}), "device.dense_tflops lists no fp8 peak"),
+    (changed(GPU_BASE, device={**GPU_BASE["device"], "dense_tflops": {"fp4": 10}}), "Input should be 'float16', 'bfloat16', 'fp8' or 'int8'"),
+    (changed(GPU_BASE, device={**GPU_BASE["device"], "memory_bandwidth_gb_s": 0}), "memory_bandwidth_gb_s: Input should be greater than 0"),
+    (changed(GPU_BASE, device={k: v for k, v in GPU_BASE["device"].items() if k != "source"}), "source: Field required"),
 ])
 def test_contradicting_profiles_are_refused(tmp_path, data, reason):
     path = tmp_path / "bad.yaml"
@@ -120,14 +140,14 @@ def test_profile_fields_are_flags_of_build_and_fields_of_a_recipe(make_tiny_mode
 
 
 @pytest.mark.slow
-def test_a_wheel_install_finds_the_shipped_profiles(tmp_path, tiny_model):
-    """Build a wheel, install it (no dependencies) into a fresh venv and plan a build there, away from any checkout."""
+def test_a_wheel_install_finds_the_shipped_profiles_and_workloads(tmp_path, tiny_model):
+    """Build a wheel, install it (no dependencies) into a fresh venv; plan a build and project a shipped workload there, away from any checkout."""
     repository = Path(__file__).resolve().parent.parent
     source = tmp_path / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(repository / name, source)
-    for name in ("engines", "toolchain"):  # toolchain/engines stays a link to engines/, as in the repository
+    for name in ("engines", "benchmarks/workloads", "toolchain"):  # toolchain/engines and toolchain/workloads stay links, as in the repository
         shutil.copytree(repository / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     run = lambda *args, **kwargs: subprocess.run(args, capture_output=True, text=True, timeout=300, **kwargs)  # noqa: E731
     wheel = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp_path / "dist", source)
@@ -145,3 +165,7 @@ def test_a_wheel_install_finds_the_shipped_profiles(tmp_path, tiny_model):
                "--dry-run", env=env, cwd=tmp_path)
     assert plan.returncode == 0, plan.stderr
     assert "profile cpu-fp32 (onnxruntime-genai, cpu)" in plan.stdout and not (tmp_path / "engine").exists()
+    projection = run(venv / "bin" / "minitron", "bench", "--project", "--workload", "gpu-128-2048", "--profile", "h200-fp8",
+                     "--teacher", tiny_model, "--student", tiny_model, "--labels", "a,b", env=env, cwd=tmp_path)
+    assert projection.returncode == 0, projection.stderr
+    assert "at 128 prompt / 2048 new tokens" in projection.stdout and "| h200-fp8 | b |" in projection.stdout

@@ -53,7 +53,7 @@ def test_run_whole_pipeline_then_rerun_and_change_the_bench(teacher, tmp_path, t
     body.write_text("".join(json.dumps({"body": doc}) + "\n" for doc in corpus_documents()))
     recipe = write_recipe(tmp_path, teacher, body, data__text_field="body", data__eval_fraction=0.15, data__calibration_fraction=0.12)
     overrides = ["quantize.format=fp8", "quantize.calibration_samples=4", "export.format=trtllm", "export.dtype=bfloat16",
-                 "engine.profile=cpu-fp32", "bench.input_len=16", "bench.output_len=4", "bench.concurrency=[1]", "bench.requests=2"]
+                 "engine.profile=cpu-fp32", "bench.workload_overrides={input_len: 16, output_len: 4, concurrency: [1], requests: 2, prompts: data}"]
     summary = run_pipeline(load_recipe(recipe, overrides))
     run_dir = tmp_path / "run"
     assert [s["name"] for s in summary["students"]] == ["width", "depth"]
@@ -69,10 +69,14 @@ def test_run_whole_pipeline_then_rerun_and_change_the_bench(teacher, tmp_path, t
         trtllm_config = json.loads((student_dir / "export-trtllm" / "config.json").read_text())
         assert trtllm_config["quantization"]["quant_algo"] == "FP8" and (student_dir / "export-trtllm" / "rank0.safetensors").is_file()
     bench = summary["bench"]
-    assert [t["label"] for t in bench["targets"]] == ["teacher", "width", "depth"]
-    assert all(level["errors"] == 0 for t in bench["targets"] for level in t["levels"])
+    assert [model["label"] for model in bench["models"]] == ["teacher", "width", "depth"]
+    assert all(point["errors"] == 0 and point["bound"]["fraction"] > 0 for model in bench["models"] for point in model["load_points"])
+    assert all(model["load_points"][0]["speedup"]["bound"] > 1 for model in bench["models"][1:])
+    assert set(bench["projection"]["profiles"]) == {"cpu-fp32"}  # the recipe's target profile, on this CPU as measured
     assert json.loads((run_dir / "summary.json").read_text()) == summary
-    assert "| width (distilled) |" in (run_dir / "summary.md").read_text()
+    report = (run_dir / "summary.md").read_text()
+    assert "| width (distilled) |" in report and "| depth | 1 client |" in report and "| cpu-fp32 | width |" in report
+    assert "![speedup.png](bench/speedup.png)" in report and (run_dir / "bench" / "speedup.png").is_file()
     packed = [json.loads(meta.read_text()) for meta in (isolated_cache / "data").glob("*/meta.json")]
     packed = [meta for meta in packed if meta["spec"] == str(body)]
     assert {meta["seq_len"] for meta in packed} == {32, 16}  # the stages' sequences and the bench prompts
@@ -80,7 +84,7 @@ def test_run_whole_pipeline_then_rerun_and_change_the_bench(teacher, tmp_path, t
 
     again = run_pipeline(load_recipe(recipe, overrides))
     assert again["stages"]["ran"] == [] and {k: v for k, v in again.items() if k != "stages"} == {k: v for k, v in summary.items() if k != "stages"}
-    changed = run_pipeline(load_recipe(recipe, overrides[:-1] + ["bench.requests=3"]))
+    changed = run_pipeline(load_recipe(recipe, overrides + ["bench.workload_overrides.requests=3"]))
     assert changed["stages"]["ran"] == ["bench"]
 
 

@@ -26,8 +26,7 @@ def test_warm_up_follows_the_length_of_the_run():
     (TrainingConfig, {"lr": 1e-5, "min_lr": 1e-4}, "min_lr must not exceed lr"),
     (DistillConfig, {"logit_loss_weight": 0}, "needs a positive logit_loss_weight"),
     (DistillConfig, {"intermediate_loss": "cosine"}, "together"),
-    (BenchConfig, {"concurrency": [1, 0]}, "every concurrency level must be positive"),
-    (BenchConfig, {"concurrency": []}, "at least 1 item"),
+    (BenchConfig, {"max_error_rate": 1.5}, "less than or equal to 1"),
 ])
 def test_contradictions_are_refused_where_declared(model, fields, message):
     with pytest.raises(ValidationError, match=message):

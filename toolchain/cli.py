@@ -30,7 +30,7 @@ COMMANDS = {
     "serve": ("toolchain.serve", "serve an engine through a real Triton Inference Server"),
     "generate": ("toolchain.generate", "generate text from a running Triton server"),
     "search": ("toolchain.search", "architecture search under a parameter, memory, speedup or latency budget, with the Pareto front"),
-    "bench": ("toolchain.bench", "latency and throughput of engines through Triton, students against their teacher"),
+    "bench": ("toolchain.bench.harness", "students against their teacher on any backend: latency, throughput, the physical bound, GPU projections"),
     "run": ("toolchain.pipeline", "run a recipe end to end: teacher, students, distillation, export, engine"),
 }
 

@@ -13,7 +13,7 @@ runtime fields (free memory fraction, block reuse) are recorded for the server.
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -46,6 +46,26 @@ class PluginSettings(Strict):
     multiple_profiles: bool = Field(True, description="Several TensorRT optimisation profiles; longer build, no runtime cost.")
 
 
+GpuPrecision = Literal["float16", "bfloat16", "fp8", "int8"]
+
+
+class DeviceSheet(Strict):
+    """Data-sheet figures of a profile's target GPU (one GPU; dense Tensor Core peaks, no sparsity): what `minitron bench` projects onto."""
+
+    memory_gb: float = Field(..., gt=0, description="GPU memory, GB (1e9 bytes).")
+    memory_bandwidth_gb_s: float = Field(..., gt=0, description="Peak memory bandwidth, GB/s.")
+    dense_tflops: dict[GpuPrecision, float] = Field(
+        ..., min_length=1, description="Dense (no sparsity) Tensor Core peak per precision, TFLOPS (TOPS for int8).")
+    source: str = Field(..., min_length=1, description="Where the figures come from (the data sheet).")
+
+    @field_validator("dense_tflops")
+    @classmethod
+    def positive_peaks(cls, peaks: dict) -> dict:
+        if any(value <= 0 for value in peaks.values()):
+            raise ValueError(f"every peak must be positive, got {peaks}")
+        return peaks
+
+
 class EngineProfile(Strict):
     name: str = Field(..., description="Profile name (the YAML file name without .yaml).")
     description: str = Field("", description="What the profile is for.")
@@ -63,6 +83,8 @@ class EngineProfile(Strict):
     kv_cache: KVCacheSettings = Field(default_factory=KVCacheSettings, description="KV cache settings (TensorRT-LLM).")
     plugins: PluginSettings = Field(default_factory=PluginSettings, description="TensorRT-LLM plugin settings.")
     cpu_threads: int | None = Field(None, gt=0, description="Intra-op threads of the CPU engine; None lets onnxruntime choose.")
+    device: DeviceSheet | None = Field(None, description="Data-sheet figures of the target GPU, for projections; required for GPU targets, "
+                                                         "absent for cpu (the benchmark measures the machine it runs on).")
 
     @field_validator("backend")
     @classmethod
@@ -83,7 +105,22 @@ class EngineProfile(Strict):
         problems = []
         if self.max_input_len > self.max_seq_len:
             problems.append(f"max_input_len {self.max_input_len} > max_seq_len {self.max_seq_len}: a prompt must leave room in the sequence; raise max_seq_len or lower max_input_len")
-        return problems + BACKENDS[self.backend].profile_problems(self)
+        return problems + self.device_problems() + BACKENDS[self.backend].profile_problems(self)
+
+    def device_problems(self) -> list[str]:
+        """A GPU target needs its data-sheet figures, with a peak for the precision the profile computes in."""
+        from toolchain.bench.bound import QUANTIZED_LINEAR_BYTES, precision_of
+
+        if self.target == "cpu":
+            return ["device: a cpu profile takes no data-sheet figures (the benchmark measures the CPU it runs on); remove device"] if self.device else []
+        if self.device is None:
+            return [f"device is required for a {self.target} profile: memory_gb, memory_bandwidth_gb_s, dense_tflops and source from its data sheet"]
+        if self.quantization != "none" and self.quantization not in QUANTIZED_LINEAR_BYTES:
+            return []  # the backend names the unknown quantization
+        compute = precision_of(self.dtype, self.quantization, self.kv_cache.dtype).compute
+        if compute in get_args(GpuPrecision) and compute not in self.device.dense_tflops:
+            return [f"device.dense_tflops lists no {compute} peak, the precision this profile computes in ({self.quantization}, {self.dtype}); add it"]
+        return []
 
 
 def shipped_profile_names() -> list[str]:

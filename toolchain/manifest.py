@@ -52,9 +52,10 @@ class EngineManifest(BaseModel):
     created: str
 
 
-def library_versions() -> dict[str, str | None]:
+def library_versions(names: tuple[str, ...] = RECORDED_LIBRARIES) -> dict[str, str | None]:
+    """Installed version of each distribution in `names`; None for those not installed."""
     versions = {}
-    for name in RECORDED_LIBRARIES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

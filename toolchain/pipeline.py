@@ -22,7 +22,7 @@ Run folder:
     students/NAME/quantized/         ModelOpt unified checkpoint (only with quantize.format)
     students/NAME/export-FORMAT/     exported final student (only with export.format)
     students/NAME/engine/            engine directory with manifest.json (only with engine.profile)
-    teacher-engine/, bench/          the teacher's engine and the Triton benchmark of all engines (bench.enabled)
+    teacher-engine/, bench/          the teacher's engine and the benchmark of teacher and students: results.json, results.md, plots (bench.enabled)
     summary.json, summary.md         rewritten by every run
 """
 
@@ -252,24 +252,47 @@ def engine_stage(run: Run, name: str, model: Path | str, model_key: str, data_se
 
 
 def bench_stage(run: Run, teacher: str, teacher_key: str, students: list[dict], data_settings: dict) -> dict | None:
-    """The teacher's engine (same profile) first, then the students', through Triton; None where the engines cannot be served here."""
+    """The teacher against the students on the recipe's bench backend, projected onto its engine profile; None where that cannot run here.
+
+    torch runs the trained checkpoints; cpu-engine and triton the engines of the recipe's profile (the
+    teacher's built here with the same profile); trtllm needs a GPU and tensorrt_llm.
+    """
     from toolchain.backends import engine_backend
-    from toolchain.bench import BENCH_FILE, bench
+    from toolchain.bench.harness import RESULTS_FILE, bench
+    from toolchain.bench.runners import RUNNERS
+    from toolchain.bench.workloads import load_workload
     from toolchain.engine_profile import load_profile
 
     recipe = run.recipe
-    profile = load_profile(recipe.engine.profile, recipe.engine.overrides)
-    reason = engine_backend(profile.backend).unavailable_reason()
+    settings = recipe.bench
+    if settings.profiles is None:
+        settings = settings.model_copy(update={"profiles": [recipe.engine.profile]})
+    reason = RUNNERS[settings.backend].unavailable_reason()
+    if settings.backend in ("cpu-engine", "triton") and reason is None:
+        reason = engine_backend(load_profile(recipe.engine.profile, recipe.engine.overrides).backend).unavailable_reason()
     if reason is not None:
-        log.info("the %s engines are not benchmarked here (%s): serve them there and run `minitron bench HOST:PORT`", profile.backend, reason)
+        log.info("the bench stage does not run here (%s): run `minitron bench --backend %s` where it can", reason, settings.backend)
         return None
-    teacher_engine_key = engine_stage(run, "teacher-engine", teacher, teacher_key, data_settings)
-    engines = {"teacher": str(run.dir / "teacher-engine"), **{student["name"]: student["engine"] for student in students}}
-    keys = {"teacher": teacher_engine_key, **{student["name"]: student["engine_key"] for student in students}}
-    run.stage("bench", {"bench": recipe.bench.model_dump(mode="json"), "serve": recipe.serve.model_dump(mode="json"), "data": data_settings,
-                        "labels": list(engines)}, keys,
-              lambda work: bench(list(engines.values()), recipe.bench, recipe.data, recipe.serve, labels=list(engines), out=work))
-    return json.loads((run.dir / "bench" / BENCH_FILE).read_text())
+    if settings.backend == "torch":
+        trained = {student["name"]: f"students/{student['name']}/{'distilled' if 'distilled' in student else 'pruned'}" for student in students}
+        models = {"teacher": teacher, **{name: str(run.dir / stage) for name, stage in trained.items()}}
+        keys = {"teacher": teacher_key, **{name: json.loads((run.dir / stage / STAGE_RECORD).read_text())["key"] for name, stage in trained.items()}}
+    else:
+        keys = {"teacher": engine_stage(run, "teacher-engine", teacher, teacher_key, data_settings),
+                **{student["name"]: student["engine_key"] for student in students}}
+        models = {"teacher": str(run.dir / "teacher-engine"), **{student["name"]: student["engine"] for student in students}}
+    labels, sources = list(models), list(models.values())
+    resolved = {"workload": load_workload(settings.workload, settings.workload_overrides).model_dump(mode="json"),  # the files' contents count
+                "profiles": [load_profile(name).model_dump(mode="json") for name in settings.profiles]}
+    run.stage("bench", {"bench": settings.model_dump(mode="json"), **resolved, "serve": recipe.serve.model_dump(mode="json"), "data": data_settings,
+                        "compute": recipe.compute.model_dump(mode="json"), "labels": labels}, keys,
+              lambda work: bench(sources[0], sources[1:], settings, recipe.data, recipe.serve, recipe.compute, out=work, labels=labels,
+                                 command=f"minitron run {recipe.name} (bench stage)"))
+    results = json.loads((run.dir / "bench" / RESULTS_FILE).read_text())
+    for model in results["models"]:
+        for point in model["load_points"]:
+            point.pop("samples")
+    return results
 
 
 def run_pipeline(recipe: Recipe) -> dict:
@@ -317,9 +340,9 @@ def format_summary(summary: dict) -> str:
     if engines:
         lines += ["", "Engines:"] + engines
     if summary.get("bench"):
-        from toolchain.bench import format_bench
+        from toolchain.bench.report import format_results
 
-        lines += ["", "Serving benchmark (first row: the teacher's engine):", "", format_bench(summary["bench"])]
+        lines += ["", "## Benchmark: the teacher against the students (bench/results.md)", "", format_results(summary["bench"], plots_prefix="bench/")]
     stages = summary["stages"]
     lines += ["", f"This run: {len(stages['ran'])} stages ran, {len(stages['skipped'])} were already done, {stages['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"

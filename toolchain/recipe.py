@@ -114,6 +114,8 @@ def recipe_field_namer(recipe: Recipe, student: StudentConfig | None = None, cor
             return f"teacher.correction.{field}"
         if section == "profile":
             return f"engine.overrides.{field}"
+        if section == "workload":
+            return f"bench.workload_overrides.{field}"
         return path
     return name
 
@@ -210,8 +212,9 @@ def describe_plan(recipe: Recipe) -> str:
                   + (f" ({export.resolved_dtype()}, tp={export.tp}, pp={export.pp})" if export.format != "none" else ""))
     stages.append(f"engine profile: {recipe.engine.profile or 'none'}")
     if recipe.engine.profile and recipe.bench.enabled:
-        stages.append(f"bench: the teacher's and students' engines through Triton, {recipe.bench.input_len} prompt / "
-                      f"{recipe.bench.output_len} new tokens, concurrency {recipe.bench.concurrency} (CPU engines; GPU engines: `minitron bench HOST:PORT`)")
+        stages.append(f"bench: teacher against students, backend {recipe.bench.backend}, workload {recipe.bench.workload}"
+                      + (f" with {recipe.bench.workload_overrides}" if recipe.bench.workload_overrides else "")
+                      + f", projected onto {recipe.engine.profile} (CPU backends here; GPU engines: `minitron bench --backend trtllm` or `--url`)")
     lines = [f"recipe {recipe.name}: {recipe.description.strip()}", f"output: {recipe.resolved_output_dir()}"]
     lines += ["stages:"] + [f"  {i}. {stage}" for i, stage in enumerate(stages, 1)]
     lines += ["resolved recipe:", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).rstrip()]
@@ -242,6 +245,10 @@ def check_recipe_inputs(recipe: Recipe) -> None:
     if recipe.engine.profile:
         with settings_named_by(recipe_field_namer(recipe)):
             load_profile(recipe.engine.profile, recipe.engine.overrides)
+            if recipe.bench.enabled:
+                from toolchain.bench.workloads import load_workload
+
+                load_workload(recipe.bench.workload, recipe.bench.workload_overrides)
 
 
 # ---------------------------------------------------------------- `minitron validate`, `minitron recipes`

@@ -14,7 +14,7 @@ better on the command line (`data.spec` is `--data`). Library code names a setti
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DepthMethod = Literal["lm_loss", "lm_loss_contiguous", "block_importance", "random"]
@@ -188,20 +188,18 @@ class ServeConfig(Section):
 
 
 class BenchConfig(Section):
-    enabled: bool = Field(True, description="In a recipe run: benchmark the teacher's and students' engines through Triton after they are built (CPU engines here; TensorRT-LLM engines on the GPU machine with `minitron bench HOST:PORT`).")
-    input_len: int = Field(128, gt=0, description="Prompt tokens per request.")
-    output_len: int = Field(64, gt=0, description="Generated tokens asked for per request (EOS may end one earlier).")
-    concurrency: list[int] = Field(default_factory=lambda: [1, 4], min_length=1, description="Concurrent clients; one measurement per value.")
-    requests: int = Field(16, gt=0, description="Requests per measurement.")
-    threads: int = Field(1, gt=0, description="CPU threads of the engine (pinned for stable numbers).")
-    max_error_rate: float = Field(0.0, ge=0, le=1, description="Share of a target's requests that may fail; above it the benchmark fails (exit 2) and writes nothing.")
+    """Benchmark of the teacher against its students (`minitron bench`, and the bench stage of a recipe run)."""
 
-    @field_validator("concurrency")
-    @classmethod
-    def positive_concurrency(cls, levels: list[int]) -> list[int]:
-        if any(level <= 0 for level in levels):
-            raise ValueError(f"every concurrency level must be positive, got {levels}")
-        return levels
+    enabled: bool = Field(True, description="In a recipe run: benchmark the teacher against the students after their engines are built (CPU backends here; TensorRT-LLM engines on the GPU machine with `minitron bench --backend trtllm` or `--url`).")
+    backend: Literal["torch", "cpu-engine", "triton", "trtllm"] = Field(
+        "triton", description="What runs the models: torch (transformers generate, in-process, batched), cpu-engine (the CPU engine in-process), "
+                              "triton (a Triton server, streaming gRPC), trtllm (TensorRT-LLM's LLM API on a GPU).")
+    workload: str = Field("cpu-smoke", description="Workload: a shipped name (benchmarks/workloads/) or a YAML path.")
+    workload_overrides: dict = Field(default_factory=dict, description="Workload fields to override, by name (e.g. {requests: 8, concurrency: [1, 2]}); flags --input-len, --requests, ... set them.")
+    threads: int = Field(1, gt=0, description="CPU threads of each engine and of the bandwidth measurement (pinned for stable numbers).")
+    max_error_rate: float = Field(0.0, ge=0, le=1, description="Share of a model's requests that may fail; above it the benchmark fails (exit 2) and writes nothing.")
+    profiles: list[str] | None = Field(None, description="Engine profiles to project the models onto; none: every shipped GPU profile (in a recipe run: the recipe's engine profile).",
+                                       json_schema_extra=flag("--profile"))
 
 
 class SearchConfig(Section):
