@@ -53,3 +53,49 @@ def test_bad_budgets_are_one_line_errors(cli, tiny_model, corpus_jsonl, tmp_path
     result = cli("search", "--model", tiny_model, "--data", corpus_jsonl, "--seq-len", "32", "--out", tmp_path / "s", *args)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_llama_3_1_8b_at_4_5b_keeps_both_published_shapes_as_survivors():
+    """Config only: at params=4.5B the published 4B-Width and 4B-Depth shapes are in the space and cannot grow within the budget."""
+    from test_prune import llama_3_1_8b_config
+
+    from toolchain.prune.shapes import ModelShape
+    from toolchain.search import choose_candidates, survivors
+    from toolchain.search_budget import parse_budget
+    from toolchain.search_space import Architecture, enumerate_shapes, parameter_count
+
+    config = llama_3_1_8b_config()
+    original, architecture = ModelShape.from_config(config), Architecture.from_config(config)
+    settings = SearchConfig(budget="params=4.5B", hidden_multiple=128, ffn_multiple=128)
+    shapes = enumerate_shapes(original, 128, 128, 1, 0.5, True)
+    kept = survivors(shapes, lambda shape: parameter_count(shape, architecture)["total"], parse_budget("params=4.5B"), 4.5e9, 0.01)
+    assert ModelShape(3072, 9216, 32, 8, 128, 32) in kept and ModelShape(4096, 14336, 32, 8, 128, 16) in kept
+    candidates, space = choose_candidates(original, architecture, settings)
+    kinds = {candidate["kind"]: candidate["shape"] for candidate in candidates}
+    assert space["within_budget"] == len(kept) and kinds["depth-only"]["num_layers"] == 16  # the best depth-only student is 4B-Depth
+    assert kinds["width-only"]["num_layers"] == 32
+
+
+@pytest.mark.slow
+def test_a_speedup_budget_on_a_gpu_profile_is_projected(make_tiny_model, corpus_jsonl, tmp_path):
+    teacher = make_tiny_model("teacher")
+    report = run_search(teacher, corpus_jsonl, tmp_path / "search", budget="speedup=1.3x", profile="h100-fp8", max_candidates=1)
+    assert report["space"]["measure"]["kind"] == "projected" and "h100-fp8" in report["space"]["measure"]["note"]
+    for candidate in report["candidates"]:
+        assert candidate["budget_value_kind"] == "projected" and candidate["speed"]["kind"] == "projected"
+        assert candidate["budget_value"] >= 1.3 * 0.99 and candidate["meets_budget"]
+    assert (tmp_path / "search" / "pareto.png").stat().st_size > 1000
+    assert "(projected)" in (tmp_path / "search" / "candidates.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_cpu_profile_measures_the_candidates_engines(make_tiny_model, corpus_jsonl, tmp_path):
+    teacher = make_tiny_model("teacher", max_position_embeddings=2048)
+    report = run_search(teacher, corpus_jsonl, tmp_path / "search", budget="non_embedding=50%", profile="cpu-fp32", workload="cpu-smoke",
+                        max_candidates=1)
+    speeds = json.loads((tmp_path / "search" / "speed.json").read_text())
+    assert set(speeds) == {candidate["id"] for candidate in report["candidates"]}
+    for candidate in report["candidates"]:
+        assert candidate["speed"]["kind"] == "measured" and candidate["speed"]["speedup"] > 0 and candidate["speed"]["latency"] > 0
+        assert (tmp_path / "search" / "engines" / candidate["id"] / "manifest.json").is_file()

@@ -6,7 +6,7 @@ profile's precision plus the KV cache of one full-length sequence), `speedup=1.8
 tokens/s over the teacher's) or `latency=20ms` (batch-1 time per output token). Budgets are met within
 a tolerance (parameter counts are quoted rounded: the published "4.5B" students have 4.51B and
 4.54B). Of the shapes within the budget, the survivors are those that cannot grow: no axis can take
-its next larger value and stay within the budget, so no capacity the budget allows is left unused.
+its next larger valid value and stay within the budget, so no capacity the budget allows is left unused.
 """
 
 import math
@@ -70,12 +70,16 @@ def parse_budget(text: str) -> Budget:
 def survivors(shapes: list[ModelShape], measure: Callable[[ModelShape], float], budget: Budget, limit: float, tolerance: float) -> list[ModelShape]:
     """The shapes within the budget that cannot grow along any axis and stay within it (see the module docstring)."""
     within = {shape for shape in shapes if budget.meets(measure(shape), limit, tolerance)}
+    space = set(shapes)
     values = {axis: sorted({getattr(shape, axis) for shape in shapes}) for axis in AXES}
 
     def grown(shape: ModelShape, axis: str) -> ModelShape | None:
-        options = values[axis]
-        index = options.index(getattr(shape, axis))
-        return None if index + 1 == len(options) else ModelShape(**{**shape.to_dict(), axis: options[index + 1]})
+        """The next larger valid shape along `axis` (a value the other axes make invalid, e.g. hidden not divisible by the heads, is skipped)."""
+        for value in values[axis][values[axis].index(getattr(shape, axis)) + 1:]:
+            bigger = ModelShape(**{**shape.to_dict(), axis: value})
+            if bigger in space:
+                return bigger
+        return None
 
     return sorted((shape for shape in within if not any(grown(shape, axis) in within for axis in AXES)),
                   key=lambda shape: tuple(getattr(shape, axis) for axis in AXES))

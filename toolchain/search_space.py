@@ -39,6 +39,17 @@ def parameter_count(shape: ModelShape, architecture: Architecture) -> dict[str, 
     return {"total": non_embedding + embedding, "non_embedding": non_embedding}
 
 
+def shape_cost(shape: ModelShape, architecture: Architecture, precision):
+    """What a token of a model of `shape` costs (bench.bound.ModelCost), from the closed-form counts (no meta model per shape)."""
+    from toolchain.bench.bound import ModelCost
+
+    counts = parameter_count(shape, architecture)
+    head = architecture.vocab_size * shape.hidden_size
+    return ModelCost(layers=shape.num_layers, attention_width=shape.num_attention_heads * shape.head_dim, kv_width=shape.num_key_value_heads * shape.head_dim,
+                     layer_parameters=counts["non_embedding"], head_parameters=head, table_parameters=counts["total"] - counts["non_embedding"] - head,
+                     precision=precision)
+
+
 def axis_values(teacher: int, multiple: int, min_fraction: float) -> list[int]:
     """Multiples of `multiple` from `min_fraction` of the teacher's size up to it, and the teacher's size itself."""
     lowest = max(multiple, math.ceil(min_fraction * teacher / multiple) * multiple)

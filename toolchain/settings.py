@@ -216,6 +216,8 @@ class SearchConfig(Section):
     max_candidates: int = Field(6, gt=0, description="Candidates distilled, evenly spread over the survivors, besides the best width-only and depth-only ones.")
     tokens: int = Field(16384, gt=0, description="Distillation tokens per candidate (the same short budget for all).")
     depth_method: DepthMethod = Field("lm_loss", description="How candidates with fewer layers choose them (as prune.depth_method).")
+    workload: str = Field("gpu-128-128", description="Workload whose prompt and answer lengths set the context of the speed and latency budgets (a shipped name or a YAML path).")
+    threads: int = Field(1, gt=0, description="CPU threads of the CPU measurements (this CPU's bandwidth, the CPU engines' decode speed).")
 
 
 # Section key -> model: how `toolchain.errors.setting("key.field")` finds a field's flag, and what
