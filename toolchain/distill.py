@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-from toolchain.data import check_seq_len, tokenizer_fingerprint
+from toolchain.data import check_seq_len, prepare_data, tokenizer_fingerprint
 from toolchain.distributed import distributed_context, prepare_data_on_ranks
 from toolchain.errors import UserError, setting
 from toolchain.evaluate import check_same_vocabulary, evaluate_model
@@ -184,6 +184,22 @@ def teacher_cache_for(teacher_dir: Path, tokenizer, packed, settings: DistillCon
     if not runtime.is_main:
         cache = open_teacher_cache(directory, fingerprint, rows, writable=False)
     return cache, computed
+
+
+def build_teacher_cache(teacher: str, runs: list[DistillConfig], data: DataConfig, compute: ComputeConfig) -> dict:
+    """Build the teacher cache of several distillation runs at once (they share its directory): the teacher runs
+    once over the union of their train rows, so each run finds its rows there. Returns what was done."""
+    teacher_dir = resolve_model_dir(teacher)
+    tokenizer = load_tokenizer(teacher_dir)
+    teacher_config = load_config(teacher_dir)
+    check_seq_len(data.seq_len, teacher_config)
+    packed = prepare_data(data, tokenizer)
+    row_count = len(packed.split("train"))
+    needed = np.unique(np.concatenate([rows_of_run(settings, row_count, data.seq_len, 1) for settings in runs]))
+    with distributed_context(compute.device) as runtime:
+        _, computed = teacher_cache_for(teacher_dir, tokenizer, packed, runs[0], compute, runtime, needed, teacher_config.vocab_size,
+                                        lambda: load_frozen_model(teacher_dir, dtype=compute.dtype, device=str(runtime.device)))
+    return {"directory": runs[0].teacher_cache, "rows": len(needed), "computed_rows": computed}
 
 
 def distill(teacher: str, student: str, out: Path, settings: DistillConfig, data: DataConfig, compute: ComputeConfig, evaluation: EvalConfig,

@@ -15,6 +15,7 @@ Run folder:
     teacher-corrected/               teacher after LM fine-tuning (only with teacher.correction.tokens)
     teacher-eval/                    metrics.json of the teacher
     importance/                      importance.safetensors: the scores every student is pruned by, computed once
+    teacher-cache/                   teacher top-k log-probs of the students' train rows (only with a relative distill.teacher_cache; built once, before the students)
     students/NAME/pruned/            HF checkpoint + pruning.json
     students/NAME/pruned-eval/       metrics.json against the teacher
     students/NAME/distilled/         HF checkpoint + train_log.jsonl
@@ -43,7 +44,7 @@ from toolchain.evaluate import evaluate_model
 from toolchain.models import load_config, load_frozen_model, load_model, load_tokenizer, model_fingerprint, parameter_counts, resolve_model_dir
 from toolchain.paths import atomic_write_text, check_output_location, replace_path
 from toolchain.recipe import Recipe, StudentConfig, check_recipe_inputs, load_recipe, recipe_field_namer
-from toolchain.settings import EvalConfig
+from toolchain.settings import DistillConfig, EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,32 @@ def importance_stage(run: Run, teacher: str, teacher_key: str, data_settings: di
                                     "compute": recipe.compute.model_dump(mode="json")}, {"teacher": teacher_key}, produce)
 
 
+def student_distill_settings(run: Run, student: StudentConfig) -> DistillConfig:
+    """A student's distillation settings, with a relative teacher-cache directory placed in the run folder."""
+    settings = run.recipe.student_distill(student)
+    if settings.teacher_cache is not None and not Path(settings.teacher_cache).is_absolute():
+        settings = settings.model_copy(update={"teacher_cache": str(run.dir / settings.teacher_cache)})
+    return settings
+
+
+def teacher_cache_stage(run: Run, teacher: str) -> list[dict]:
+    """The teacher runs once over the train rows of every student that distils from a cache (per cache directory), before
+    any of them trains; the cache keeps what it built, so a rerun computes only rows it lacks. Returns what each build did."""
+    from toolchain.distill import build_teacher_cache
+
+    by_directory: dict[str, list[DistillConfig]] = {}
+    for student in run.recipe.students:
+        with settings_named_by(recipe_field_namer(run.recipe, student)):
+            settings = student_distill_settings(run, student)
+        if settings.teacher_cache is not None and (settings.tokens or settings.steps):
+            by_directory.setdefault(settings.teacher_cache, []).append(settings)
+    builds = []
+    for runs in by_directory.values():
+        started = time.perf_counter()
+        builds.append({**build_teacher_cache(teacher, runs, run.recipe.data, run.recipe.compute), "seconds": time.perf_counter() - started})
+    return builds
+
+
 def student_stages(run: Run, student: StudentConfig, teacher: str, teacher_key: str, importance_key: str | None, data_settings: dict) -> dict:
     """prune → eval → distill → eval → quantize → export → engine for one student; returns its summary row and engine key."""
     from toolchain.prune import IMPORTANCE_FILE, prune
@@ -203,7 +230,7 @@ def student_stages(run: Run, student: StudentConfig, teacher: str, teacher_key: 
     row = {"name": student.name, "parameters": parameter_counts(load_config(pruned))["total"],
            "pruned": evaluation_stage(run, f"{base}/pruned-eval", pruned, pruned_key, teacher, teacher_key, data_settings)}
     trained, trained_key = pruned, pruned_key
-    settings = recipe.student_distill(student)
+    settings = student_distill_settings(run, student)
     if settings.tokens or settings.steps:
         from toolchain.distill import distill
         from toolchain.training import checkpoint_dirs
@@ -305,6 +332,7 @@ def run_pipeline(recipe: Recipe) -> dict:
         teacher, teacher_key = teacher_stage(run, data_settings)
         teacher_eval = evaluation_stage(run, "teacher-eval", Path(teacher), teacher_key, teacher, teacher_key, data_settings, against_teacher=False)
         importance_key = importance_stage(run, teacher, teacher_key, data_settings)
+    teacher_caches = teacher_cache_stage(run, teacher)
     students = []
     for student in recipe.students:
         with settings_named_by(recipe_field_namer(recipe, student)):
@@ -313,6 +341,8 @@ def run_pipeline(recipe: Recipe) -> dict:
                "eval": {"data": recipe.data.spec, "split": recipe.eval.split, "seq_len": recipe.data.seq_len, **recipe.eval.model_dump(mode="json")},
                "teacher": {"model": teacher, "parameters": parameter_counts(load_config(teacher))["total"], "eval": teacher_eval},
                "students": [{key: value for key, value in student.items() if key != "engine_key"} for student in students]}
+    if teacher_caches:
+        summary["teacher_cache"] = teacher_caches
     if recipe.engine.profile and recipe.bench.enabled and students:
         with settings_named_by(recipe_field_namer(recipe)):
             summary["bench"] = bench_stage(run, teacher, teacher_key, students, data_settings)
@@ -336,6 +366,9 @@ def format_summary(summary: dict) -> str:
                 metrics = student[stage]
                 lines.append(f"| {student['name']} ({stage}) | {student['parameters'] / 1e6:.1f}M | {metrics['perplexity']:.2f} | "
                              f"{metrics['kl']:.3f} | {metrics['top1_agreement']:.1%} |")
+    for build in summary.get("teacher_cache", []):
+        lines += ["", f"Teacher cache `{build['directory']}`: {build['rows']} train rows, {build['computed_rows']} computed in this run "
+                      f"({build['seconds']:.0f} s)."]
     engines = [f"- {s['name']}: `{s['engine']}`" for s in summary["students"] if "engine" in s]
     if engines:
         lines += ["", "Engines:"] + engines
