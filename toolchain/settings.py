@@ -57,6 +57,17 @@ class EvalConfig(Section):
     split: Literal["eval", "calibration", "train", "all"] = Field("eval", description="Which split of the data to evaluate on (all: every document; for small files).")
 
 
+class LmEvalConfig(Section):
+    """Downstream tasks of lm-evaluation-harness (`minitron eval MODEL --tasks ...`; needs the lm-eval extra)."""
+
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks or groups to run instead of the perplexity eval (e.g. hellaswag,arc_easy,winogrande,mmlu); "
+                                                                "their datasets come from the Hugging Face Hub unless the task is local.")
+    task_dir: str | None = Field(None, description="A folder of lm-eval task YAML files (e.g. a multiple-choice task over a local JSONL file) added to the known tasks.")
+    limit: int | None = Field(None, gt=0, description="At most this many examples per task (a quick look); none runs every example.", json_schema_extra=flag("--task-limit"))
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; none uses each task's default (Minitron reports MMLU 5-shot).")
+    batch_size: int = Field(8, gt=0, description="Requests per forward pass.", json_schema_extra=flag("--task-batch-size"))
+
+
 class ImportanceConfig(Section):
     """How the importance of every prunable unit is measured; computed once per teacher, data and these settings."""
 
@@ -233,6 +244,7 @@ SECTIONS: dict[str, type[Section]] = {
     "compute": ComputeConfig,
     "data": DataConfig,
     "eval": EvalConfig,
+    "lm_eval": LmEvalConfig,
     "importance": ImportanceConfig,
     "prune": PruneConfig,
     "training": TrainingConfig,
