@@ -10,6 +10,14 @@ pytest.importorskip("lm_eval")
 CHOICES = ["a", "b", "c", "d"]
 
 
+@pytest.fixture(autouse=True)
+def offline(tmp_path, monkeypatch):
+    """Everything here is local: no hub access, and datasets' cache in the test's folder."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+
+
 def write_task(tmp_path, questions: int = 20):
     """A 4-way multiple-choice task whose right answer is always "a", placed at position i % 4 (so ties, which lm-eval
     breaks towards the first choice, score exactly 1/4)."""
@@ -67,8 +75,7 @@ def test_local_task_scores_a_right_model_100_and_a_uniform_one_at_chance(tmp_pat
     uniform = letter_model(tmp_path / "uniform", tokenizer_dir, always=None)
     scores = {}
     for name, model in (("right", right), ("uniform", uniform)):
-        result = cli("eval", model, "--tasks", "toy_letters", "--task-dir", tasks, "--device", "cpu", "--json",
-                     env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+        result = cli("eval", model, "--tasks", "toy_letters", "--task-dir", tasks, "--device", "cpu", "--json")
         assert result.returncode == 0, result.stderr[-3000:]
         scores[name] = json.loads(result.stdout)["tasks"]["toy_letters"]["acc"]
     assert scores["right"] == 1.0
@@ -81,3 +88,19 @@ def test_an_unknown_task_is_one_line_exit_2(tiny_model, tmp_path, cli):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "lm-eval knows no task no_such_task_xyz" in result.stderr
     missing = cli("eval", tiny_model, "--tasks", "toy", "--task-dir", tmp_path / "nowhere", "--device", "cpu")
     assert missing.returncode == 2 and "is not a directory" in missing.stderr
+
+
+@pytest.mark.slow
+def test_a_recipe_with_tasks_reports_them_for_teacher_and_students(tmp_path, tokenizer_dir, corpus_jsonl, make_tiny_model):
+    from test_pipeline import write_recipe
+
+    from toolchain.pipeline import run_pipeline
+    from toolchain.recipe import load_recipe
+
+    tasks = write_task(tmp_path, questions=8)
+    teacher = make_tiny_model("teacher", max_position_embeddings=2048)
+    recipe = write_recipe(tmp_path, teacher, corpus_jsonl, lm_eval={"tasks": ["toy_letters"], "task_dir": str(tasks)})
+    summary = run_pipeline(load_recipe(recipe))
+    assert 0 <= summary["teacher"]["tasks"]["toy_letters"]["acc"] <= 1
+    assert all("acc" in student["tasks"]["toy_letters"] for student in summary["students"])
+    assert "| teacher | toy_letters | acc |" in (tmp_path / "run" / "summary.md").read_text()

@@ -20,6 +20,7 @@ Run folder:
     students/NAME/pruned-eval/       metrics.json against the teacher
     students/NAME/distilled/         HF checkpoint + train_log.jsonl
     students/NAME/distilled-eval/    metrics.json against the teacher
+    teacher-tasks/, students/NAME/tasks/   tasks.json: lm-evaluation-harness tasks (only with lm_eval.tasks)
     students/NAME/quantized/         ModelOpt unified checkpoint (only with quantize.format)
     students/NAME/export-FORMAT/     exported final student (only with export.format)
     students/NAME/engine/            engine directory with manifest.json (only with engine.profile)
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 STAGE_RECORD = "stage.json"
 METRICS_FILE = "metrics.json"
+TASKS_FILE = "tasks.json"
 INTERRUPT_HINT = "; rerun the same command to continue (finished stages are kept, training resumes from its last checkpoint)"
 
 
@@ -134,6 +136,21 @@ def evaluation_stage(run: Run, name: str, model: Path, model_key: str, teacher: 
     run.stage(name, {"eval": recipe.eval.model_dump(mode="json"), "data": data_settings, "compute": recipe.compute.model_dump(mode="json")},
               {"model": model_key, "teacher": teacher_key}, produce)
     return json.loads((run.dir / name / METRICS_FILE).read_text())
+
+
+def tasks_stage(run: Run, name: str, model: Path | str, model_key: str) -> dict:
+    """The recipe's lm-evaluation-harness tasks on one model (the teacher, or a student's final checkpoint); returns {task: metrics}."""
+    from toolchain.downstream import run_tasks
+
+    recipe = run.recipe
+
+    def produce(work: Path) -> None:
+        results = run_tasks(str(model), recipe.lm_eval, recipe.compute)
+        work.mkdir(parents=True)
+        (work / TASKS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+
+    run.stage(name, {"lm_eval": recipe.lm_eval.model_dump(mode="json"), "compute": recipe.compute.model_dump(mode="json")}, {"model": model_key}, produce)
+    return json.loads((run.dir / name / TASKS_FILE).read_text())["tasks"]
 
 
 def teacher_stage(run: Run, data_settings: dict) -> tuple[str, str]:
@@ -244,6 +261,8 @@ def student_stages(run: Run, student: StudentConfig, teacher: str, teacher_key: 
         trained = run.dir / base / "distilled"
         row["distilled"] = evaluation_stage(run, f"{base}/distilled-eval", trained, trained_key, teacher, teacher_key, data_settings)
         row["distill_seconds"] = run.seconds(f"{base}/distilled")
+    if recipe.lm_eval.tasks:
+        row["tasks"] = tasks_stage(run, f"{base}/tasks", trained, trained_key)
     final, final_key = trained, trained_key
     if recipe.quantize.format != "none":
         from toolchain.quantize import REPORT_FILE, quantize
@@ -331,6 +350,7 @@ def run_pipeline(recipe: Recipe) -> dict:
     with settings_named_by(recipe_field_namer(recipe)):
         teacher, teacher_key = teacher_stage(run, data_settings)
         teacher_eval = evaluation_stage(run, "teacher-eval", Path(teacher), teacher_key, teacher, teacher_key, data_settings, against_teacher=False)
+        teacher_tasks = tasks_stage(run, "teacher-tasks", teacher, teacher_key) if recipe.lm_eval.tasks else None
         importance_key = importance_stage(run, teacher, teacher_key, data_settings)
     teacher_caches = teacher_cache_stage(run, teacher)
     students = []
@@ -341,6 +361,8 @@ def run_pipeline(recipe: Recipe) -> dict:
                "eval": {"data": recipe.data.spec, "split": recipe.eval.split, "seq_len": recipe.data.seq_len, **recipe.eval.model_dump(mode="json")},
                "teacher": {"model": teacher, "parameters": parameter_counts(load_config(teacher))["total"], "eval": teacher_eval},
                "students": [{key: value for key, value in student.items() if key != "engine_key"} for student in students]}
+    if teacher_tasks is not None:
+        summary["teacher"]["tasks"] = teacher_tasks
     if teacher_caches:
         summary["teacher_cache"] = teacher_caches
     if recipe.engine.profile and recipe.bench.enabled and students:
@@ -366,6 +388,11 @@ def format_summary(summary: dict) -> str:
                 metrics = student[stage]
                 lines.append(f"| {student['name']} ({stage}) | {student['parameters'] / 1e6:.1f}M | {metrics['perplexity']:.2f} | "
                              f"{metrics['kl']:.3f} | {metrics['top1_agreement']:.1%} |")
+    if "tasks" in teacher:
+        lines += ["", "lm-evaluation-harness tasks (the final checkpoint of each student):", "", "| model | task | metric | value |", "|---|---|---|---|"]
+        for label, tasks in [("teacher", teacher["tasks"])] + [(student["name"], student.get("tasks", {})) for student in summary["students"]]:
+            lines += [f"| {label} | {task} | {metric} | {value:.4f} |" for task, metrics in tasks.items() for metric, value in metrics.items()
+                      if not metric.endswith("_stderr")]
     for build in summary.get("teacher_cache", []):
         lines += ["", f"Teacher cache `{build['directory']}`: {build['rows']} train rows, {build['computed_rows']} computed in this run "
                       f"({build['seconds']:.0f} s)."]
