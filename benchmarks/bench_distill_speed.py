@@ -11,7 +11,7 @@ teacher and student weights, the student's gradients and AdamW's two moment buff
 The student is a random-init copy of the teacher config sliced to --hidden-size / --ffn-hidden-size
 (the smollm2 width student's shape) unless --student names a checkpoint; speed does not depend on weights.
 
-    python benchmarks/bench_distill_speed.py [--teacher smollm2-135m] [--student DIR] [--rounds 3] [--threads 2]
+    python benchmarks/bench_distill_speed.py [--teacher smollm2-135m] [--student DIR] [--rounds 3] [--threads 2] [--gradient-checkpointing --name distill_speed_checkpointing]
 """
 
 import argparse
@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--loss-chunk-tokens", type=int, default=DistillConfig.model_fields["loss_chunk_tokens"].default)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute the student's activations in backward (as --gradient-checkpointing does)")
+    parser.add_argument("--name", default="distill_speed", help="results file name in benchmarks/results/")
     args = parser.parse_args()
     pin_threads(args.threads)
 
@@ -109,7 +111,7 @@ def main() -> None:
     student = load_model(args.student, device=args.device) if args.student else sliced_student(args.teacher, args.hidden_size, args.ffn_hidden_size, teacher.dtype).to(args.device)
     plain_student = load_model(args.student, device=args.device) if args.student else sliced_student(args.teacher, args.hidden_size, args.ffn_hidden_size, teacher.dtype).to(args.device)
     plain_student.train()
-    config = DistillConfig(steps=1, loss_chunk_tokens=args.loss_chunk_tokens)
+    config = DistillConfig(steps=1, loss_chunk_tokens=args.loss_chunk_tokens, gradient_checkpointing=args.gradient_checkpointing)
     distill_model, compute_loss = build_distillation(teacher, prepare_student(student, config), config, layer_mapping(list(range(student.config.num_hidden_layers)), teacher.config.num_hidden_layers))
     rows = prepare_data(DataConfig(spec=args.data, seq_len=args.seq_len), load_tokenizer(args.teacher)).split("train")
     input_ids = next(iterate_batches(rows, args.micro_batch_size)).to(args.device)
@@ -165,7 +167,8 @@ def main() -> None:
         "benchmark": "distillation step vs teacher forward + student forward/backward; peak memory vs must-exist state",
         "teacher": args.teacher, "student": args.student or f"random-init slice of {args.teacher}: hidden {args.hidden_size}, ffn {args.ffn_hidden_size}",
         "student_parameters": sum(p.numel() for p in student_parameters), "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-        "micro_batch": [args.micro_batch_size, args.seq_len], "tokens_per_step": tokens, "loss_chunk_tokens": args.loss_chunk_tokens, "rounds": args.rounds,
+        "micro_batch": [args.micro_batch_size, args.seq_len], "tokens_per_step": tokens, "loss_chunk_tokens": args.loss_chunk_tokens,
+        "gradient_checkpointing": args.gradient_checkpointing, "rounds": args.rounds,
         "kd_step_seconds": kd_seconds, "teacher_forward_seconds": teacher_seconds, "student_forward_backward_seconds": student_seconds,
         "kd_over_parts": ratio, "target_kd_over_parts": 1.10, "within_target": ratio <= 1.10,
         "kd_tokens_per_second": tokens / kd,
@@ -189,6 +192,7 @@ def main() -> None:
         "# Distillation speed and memory", "",
         f"Teacher {args.teacher}; student {payload['student']} ({payload['student_parameters'] / 1e6:.1f}M parameters); "
         f"micro-batch {args.micro_batch_size} x {args.seq_len} tokens; {args.rounds} alternating rounds, medians; "
+        f"student gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
         f"{machine()['torch_threads']} torch threads on {machine()['cpu_count']} cores ({args.device}).", "",
         *rows_md, "",
         f"**KD step / (teacher forward + student forward/backward) = {ratio:.3f}** (target ≤ 1.10: {'met' if ratio <= 1.10 else 'NOT met'}).", "",
@@ -196,7 +200,7 @@ def main() -> None:
         f"**Peak / required = {peak / required:.2f}** (target ≤ 1.5: {'met' if peak / required <= 1.5 else 'NOT met'}). "
         f"Memory measured as {payload['memory_measure']}.",
     ])
-    write_results("distill_speed", payload, markdown)
+    write_results(args.name, payload, markdown)
     print(markdown)
 
 
