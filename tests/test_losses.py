@@ -7,48 +7,64 @@ import torch
 import torch.nn.functional as F
 
 from toolchain.distill import TokenKLLoss
-from toolchain.losses import chunked_next_token_nll, chunked_token_mean, next_token_nll, top_k_kl
+from toolchain.losses import HiddenStatesHead, chunked_next_token_nll, chunked_token_mean, next_token_nll, restore_lm_head, top_k_kl
 from toolchain.modelopt_compat import modelopt
+
+
+def head_and_hidden(batch=3, seq=10, hidden=12, vocab=50, seed=0):
+    """Final hidden states and an lm_head (its logits are hidden @ weight.T), both requiring grad."""
+    generator = torch.Generator().manual_seed(seed)
+    states = torch.randn(batch, seq, hidden, generator=generator).requires_grad_()
+    linear = torch.nn.Linear(hidden, vocab, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(vocab, hidden, generator=generator))
+    return states, linear
 
 
 def logits_pair(batch=3, seq=10, vocab=50, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    student = torch.randn(batch, seq, vocab, generator=generator, dtype=torch.float64).float().mul(3).requires_grad_()
+    student = torch.randn(batch, seq, vocab, generator=generator).mul(3)
     teacher = torch.randn(batch, seq, vocab, generator=generator).mul(3)
     return student, teacher
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 30, 1000])
-def test_chunked_kl_equals_modelopts_whole_batch_kl_in_value_and_gradient(chunk_tokens):
-    student, teacher = logits_pair()
-    reference = modelopt("distill").LogitsDistillationLoss(temperature=2.0, reduction="none")(student, teacher).mean()
-    (expected_grad,) = torch.autograd.grad(reference, student)
-    chunked = TokenKLLoss(temperature=2.0, chunk_tokens=chunk_tokens)(student, teacher)
-    (grad,) = torch.autograd.grad(chunked * 3, student)  # an upstream factor (the loss weight) reaches the gradient
-    assert chunked.item() == pytest.approx(reference.item(), rel=1e-6)
-    torch.testing.assert_close(grad, 3 * expected_grad, rtol=1e-5, atol=1e-8)
+def test_chunked_kl_equals_modelopts_whole_batch_kl_in_value_and_gradients(chunk_tokens):
+    states, linear = head_and_hidden()
+    teacher = torch.randn(3, 10, 50, generator=torch.Generator().manual_seed(5)).mul(3)
+    reference = modelopt("distill").LogitsDistillationLoss(temperature=2.0, reduction="none")(linear(states), teacher).mean()
+    expected = torch.autograd.grad(reference, [states, linear.weight])
+    chunked = TokenKLLoss(temperature=2.0, chunk_tokens=chunk_tokens, student_head=HiddenStatesHead(linear))(states, teacher)
+    grads = torch.autograd.grad(chunked * 3, [states, linear.weight])  # an upstream factor (the loss weight) reaches the gradients
+    assert chunked.item() == pytest.approx(reference.item(), rel=1e-5)
+    for grad, reference_grad in zip(grads, expected):
+        torch.testing.assert_close(grad, 3 * reference_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_chunked_next_token_nll_equals_the_whole_batch_one():
-    student, _ = logits_pair(vocab=40)
-    input_ids = torch.randint(0, 40, (3, 10), generator=torch.Generator().manual_seed(1))
-    reference = next_token_nll(student, input_ids)
-    (expected_grad,) = torch.autograd.grad(reference, student)
-    chunked = chunked_next_token_nll(student, input_ids, chunk_tokens=4)
-    (grad,) = torch.autograd.grad(chunked, student)
-    assert chunked.item() == pytest.approx(reference.item(), rel=1e-6)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-8)
+    states, linear = head_and_hidden()
+    input_ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(1))
+    reference = next_token_nll(linear(states), input_ids)
+    expected = torch.autograd.grad(reference, [states, linear.weight])
+    chunked = chunked_next_token_nll(states, linear.weight, input_ids, chunk_tokens=4)
+    grads = torch.autograd.grad(chunked, [states, linear.weight])
+    assert chunked.item() == pytest.approx(reference.item(), rel=1e-5)
+    for grad, reference_grad in zip(grads, expected):
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_chunked_mean_without_gradient_is_only_the_value():
-    student, teacher = logits_pair()
+    states, linear = head_and_hidden()
+    target = torch.randn(3, 10, 50)
     with torch.no_grad():
-        value = chunked_token_mean(student, lambda s, t: (s - t).square().sum(-1), teacher, chunk_tokens=4)
-    assert value.item() == pytest.approx((student - teacher).square().sum(-1).mean().item(), rel=1e-6)
+        value = chunked_token_mean(states, linear.weight, lambda logits, t: (logits - t).square().sum(-1), target, chunk_tokens=4)
+        expected = (linear(states) - target).square().sum(-1).mean()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_chunked_kd_trains_a_tiny_model_exactly_like_the_whole_batch_loss(make_tiny_model):
-    """Through ModelOpt's distillation model: loss and every student gradient agree for chunked and unchunked logit KL."""
+def test_kd_step_of_a_tiny_model_equals_the_whole_batch_losses(make_tiny_model):
+    """Through ModelOpt's distillation model (chunks of 5 tokens): loss and every student gradient agree with ModelOpt's
+    whole-batch logit KL plus the whole-batch LM loss on a plain copy of the student; the exported student gets its lm_head back."""
     from transformers import AutoModelForCausalLM
 
     from toolchain.distill import build_distillation
@@ -56,20 +72,33 @@ def test_chunked_kd_trains_a_tiny_model_exactly_like_the_whole_batch_loss(make_t
 
     teacher_dir, student_dir = make_tiny_model("teacher", seed=0), make_tiny_model("student", seed=1, num_hidden_layers=2)
     input_ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(2))
-    results = []
-    for chunk_tokens in (5, 10_000):
-        config = DistillConfig(steps=1, loss_chunk_tokens=chunk_tokens, lm_loss_weight=0.5)
-        student = AutoModelForCausalLM.from_pretrained(student_dir).train()
-        model, compute_loss = build_distillation(AutoModelForCausalLM.from_pretrained(teacher_dir), student, config, [])
-        losses = compute_loss(model, input_ids)
-        losses["loss"].backward()
-        results.append((losses, {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}))
-    (chunked, chunked_grads), (whole, whole_grads) = results
-    for name in ("loss", "logit_kl", "lm_loss"):
-        assert chunked[name].item() == pytest.approx(whole[name].item(), rel=1e-6), name
-    assert chunked_grads.keys() == whole_grads.keys() and len(whole_grads) > 5
-    for name in whole_grads:
-        torch.testing.assert_close(chunked_grads[name], whole_grads[name], rtol=1e-4, atol=1e-7)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+
+    plain = AutoModelForCausalLM.from_pretrained(student_dir).train()
+    logits = plain(input_ids=input_ids).logits
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids).logits
+    kl = modelopt("distill").LogitsDistillationLoss(temperature=1.0, reduction="none")(logits, teacher_logits).mean()
+    lm_loss = next_token_nll(logits, input_ids)
+    ((kl * 2 + lm_loss) / 3).backward()  # logit weight 1, LM weight 0.5: their weighted mean
+
+    config = DistillConfig(steps=1, loss_chunk_tokens=5, lm_loss_weight=0.5)
+    student = AutoModelForCausalLM.from_pretrained(student_dir).train()
+    model, compute_loss = build_distillation(teacher, student, config, [])
+    losses = compute_loss(model, input_ids)
+    losses["loss"].backward()
+    assert losses["logit_kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert losses["lm_loss"].item() == pytest.approx(lm_loss.item(), rel=1e-5)
+    assert losses["loss"].item() == pytest.approx(((kl * 2 + lm_loss) / 3).item(), rel=1e-5)
+    expected = dict(plain.named_parameters())
+    trained = {name: p for name, p in student.named_parameters() if not name.startswith("_teacher_model.")}
+    assert trained.keys() == expected.keys()
+    for name, parameter in trained.items():
+        torch.testing.assert_close(parameter.grad, expected[name].grad, rtol=1e-4, atol=1e-6)
+
+    exported = restore_lm_head(modelopt("distill").export(model))
+    assert type(exported.lm_head) is torch.nn.Linear
+    torch.testing.assert_close(exported(input_ids=input_ids).logits, logits, rtol=1e-5, atol=1e-5)
 
 
 def full_kl(student_logits, teacher_logits, temperature=1.0):
@@ -99,7 +128,7 @@ def test_top_k_kl_matches_its_definition_on_hand_made_distributions():
 
 def test_top_k_kl_is_the_full_kl_at_k_equal_vocabulary_with_temperature_and_a_lower_bound_below():
     student, teacher = logits_pair(batch=1, seq=6, vocab=30)
-    student, teacher = student[0].detach(), teacher[0]
+    student, teacher = student[0], teacher[0]
     log_p = F.log_softmax(teacher / 2.0, -1)
     order = log_p.argsort(-1, descending=True)
     everything = top_k_kl(student, order, log_p.gather(-1, order), torch.full((6,), -math.inf), temperature=2.0)

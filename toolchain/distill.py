@@ -23,7 +23,7 @@ from toolchain.distributed import distributed_context, prepare_data_on_ranks
 from toolchain.errors import UserError, setting
 from toolchain.evaluate import check_same_vocabulary, evaluate_model
 from toolchain.finetune import add_run_flags, print_training_summary
-from toolchain.losses import chunked_next_token_nll, chunked_token_mean, top_k_kl
+from toolchain.losses import HiddenStatesHead, chunked_next_token_nll, chunked_token_mean, pass_hidden_states, restore_lm_head, top_k_kl
 from toolchain.modelopt_compat import expected_modelopt_warnings, modelopt
 from toolchain.models import load_config, load_frozen_model, load_model, load_tokenizer, model_fingerprint, resolve_model_dir
 from toolchain.paths import check_output_location
@@ -35,17 +35,22 @@ log = logging.getLogger(__name__)
 
 
 class TokenKLLoss(_Loss):
-    """ModelOpt's logit KL in float32, averaged per token (its own 'mean' also divides by the vocabulary),
-    computed `chunk_tokens` tokens at a time so no [batch, seq, vocab] softmax or gradient copy piles up."""
+    """ModelOpt's logit KL in float32, averaged per token (its own 'mean' also divides by the vocabulary), in chunks of tokens.
 
-    def __init__(self, temperature: float, chunk_tokens: int):
+    It receives the student's final hidden states (its lm_head is a `HiddenStatesHead` during KD) and the
+    teacher's logits, and forms the student's logits `chunk_tokens` at a time from the head's weight, so
+    no [batch, seq, vocab] copy of the student's side exists (see `toolchain.losses`).
+    """
+
+    def __init__(self, temperature: float, chunk_tokens: int, student_head: HiddenStatesHead):
         super().__init__()
         self.kl = modelopt("distill").LogitsDistillationLoss(temperature=temperature, reduction="none")
         self.chunk_tokens = chunk_tokens
+        self.student_head = (student_head,)  # a tuple, so the criterion does not register the student's weight as its own
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return chunked_token_mean(student_logits, lambda student, teacher: self.kl(student, teacher.float()), teacher_logits,
-                                  chunk_tokens=self.chunk_tokens)
+    def forward(self, student_hidden: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return chunked_token_mean(student_hidden, self.student_head[0].weight, lambda logits, teacher: self.kl(logits, teacher.float()),
+                                  teacher_logits, chunk_tokens=self.chunk_tokens)
 
 
 class HiddenStateLoss(_Loss):
@@ -89,7 +94,7 @@ def layer_mapping(kept: list[int], teacher_layers: int) -> list[tuple[int, int]]
     return list(enumerate(targets))
 
 
-def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]]):
+def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]], student_head: HiddenStatesHead):
     """ModelOpt criterion and loss balancer; weights are normalised so they sum to 1 with the LM loss's share."""
     mtd = modelopt("distill")
 
@@ -98,7 +103,7 @@ def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]]
     hidden_weight = config.intermediate_loss_weight if config.intermediate_loss != "none" else 0.0
     total = config.logit_loss_weight + config.lm_loss_weight + hidden_weight
     if config.logit_loss_weight > 0:
-        criterion[("lm_head", "lm_head")] = TokenKLLoss(config.temperature, config.loss_chunk_tokens)
+        criterion[("lm_head", "lm_head")] = TokenKLLoss(config.temperature, config.loss_chunk_tokens, student_head)
         weights.append(config.logit_loss_weight / total)
     if hidden_weight > 0:
         for student_layer, teacher_layer in mapping:
@@ -112,14 +117,19 @@ def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]]
 
 
 def build_distillation(teacher_model, student_model, config: DistillConfig, mapping: list[tuple[int, int]]):
-    """ModelOpt's distillation model around the student (teacher frozen inside) and the loss function for the loop."""
-    criterion, balancer = distillation_criterion(config, mapping)
+    """ModelOpt's distillation model around the student (teacher frozen inside) and the loss function for the loop.
+
+    The student's lm_head becomes a `HiddenStatesHead` (the losses form its logits in chunks); `restore_lm_head`
+    on the exported student puts the plain head back.
+    """
+    head = pass_hidden_states(student_model)
+    criterion, balancer = distillation_criterion(config, mapping, head)
     distill_model = modelopt("distill").convert(
         student_model, mode=[("kd_loss", {"teacher_model": teacher_model, "criterion": criterion, "loss_balancer": balancer})])
-    return distill_model, kd_loss_function(distill_model, config, criterion)
+    return distill_model, kd_loss_function(distill_model, config, criterion, head)
 
 
-def kd_loss_function(distill_model, config: DistillConfig, criterion: dict):
+def kd_loss_function(distill_model, config: DistillConfig, criterion: dict, head: HiddenStatesHead):
     """The loss of one micro-batch for the training loop: ModelOpt's balanced total, and its parts for the log
     (logit_kl, lm_loss, hidden_loss averaged over the mapped layers)."""
     # compute_kd_loss names each loss by its class and position in the criterion
@@ -129,7 +139,7 @@ def kd_loss_function(distill_model, config: DistillConfig, criterion: dict):
 
     def compute_loss(wrapped, input_ids):
         output = wrapped(input_ids=input_ids, use_cache=False)
-        student_loss = chunked_next_token_nll(output.logits, input_ids, config.loss_chunk_tokens) if config.lm_loss_weight > 0 else None
+        student_loss = chunked_next_token_nll(output.logits, head.weight, input_ids, config.loss_chunk_tokens) if config.lm_loss_weight > 0 else None
         parts = distill_model.compute_kd_loss(student_loss=student_loss, skip_balancer=True)
         losses = {"loss": distill_model.loss_balancer(parts)}
         for key, value in parts.items():
@@ -149,17 +159,18 @@ def check_pair(teacher_config, student_config, config: DistillConfig) -> None:
                         f"{student_config.hidden_size}; use it for depth-pruned students, or set {setting('distill.intermediate_loss')} none")
 
 
-def cached_kd_loss_function(cache: TeacherCache, config: DistillConfig):
-    """The loss of one micro-batch against the teacher cache: the top-k KL (and the LM loss), weighted as ModelOpt's balancer weighs them online."""
+def cached_kd_loss_function(cache: TeacherCache, config: DistillConfig, head: HiddenStatesHead):
+    """The loss of one micro-batch against the teacher cache: the top-k KL (and the LM loss), weighted as ModelOpt's
+    balancer weighs them online; the student's lm_head is a `HiddenStatesHead`, its logits formed in chunks."""
     total = config.logit_loss_weight + config.lm_loss_weight
     token_kl = partial(top_k_kl, temperature=config.temperature)
 
     def compute_loss(wrapped, input_ids):
-        logits = wrapped(input_ids=input_ids, use_cache=False).logits
-        kl = chunked_token_mean(logits, token_kl, *cache.targets(input_ids), chunk_tokens=config.loss_chunk_tokens)
+        hidden = wrapped(input_ids=input_ids, use_cache=False).logits
+        kl = chunked_token_mean(hidden, head.weight, token_kl, *cache.targets(input_ids), chunk_tokens=config.loss_chunk_tokens)
         losses = {"loss": kl * (config.logit_loss_weight / total), "logit_kl": kl.detach()}
         if config.lm_loss_weight > 0:
-            lm_loss = chunked_next_token_nll(logits, input_ids, config.loss_chunk_tokens)
+            lm_loss = chunked_next_token_nll(hidden, head.weight, input_ids, config.loss_chunk_tokens)
             losses["loss"] = losses["loss"] + lm_loss * (config.lm_loss_weight / total)
             losses["lm_loss"] = lm_loss.detach()
         return losses
@@ -246,7 +257,8 @@ def distill(teacher: str, student: str, out: Path, settings: DistillConfig, data
             needed = rows_of_run(settings, len(train_rows), data.seq_len, runtime.world_size)
             cache, computed = teacher_cache_for(teacher_dir, tokenizer, packed, settings, compute, runtime, needed, teacher_config.vocab_size, teacher_model)
             log.info("teacher cache %s: %d of the run's %d rows computed now", settings.teacher_cache, computed, len(needed))
-            task = TrainingTask(prepare_student(student_model, settings), cached_kd_loss_function(cache, settings), student_config)
+            head = pass_hidden_states(prepare_student(student_model, settings))
+            task = TrainingTask(student_model, cached_kd_loss_function(cache, settings, head), student_config)
             inputs["teacher_cache"] = cache.fingerprint
         else:
             teacher_layers, student_layers = teacher_config.num_hidden_layers, student_config.num_hidden_layers
@@ -259,7 +271,7 @@ def distill(teacher: str, student: str, out: Path, settings: DistillConfig, data
         result = train(task, packed.split("train"), settings, work, identity, runtime, resume=resume, overwrite=overwrite,
                        description="distill", resume_hint=resume_hint)
 
-        plain_student = (result.model if settings.teacher_cache is not None else mtd.export(result.model)).eval()
+        plain_student = restore_lm_head(result.model if settings.teacher_cache is not None else mtd.export(result.model)).eval()
         metrics = (evaluate_model(plain_student, packed.split("eval"), evaluation, teacher=teacher_model(), description="eval vs teacher")
                    if evaluation.max_batches != 0 else None)
         summary = {"teacher": str(teacher), "student": str(student), "data": data.spec, "out": str(out), "steps": result.steps,

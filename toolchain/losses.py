@@ -3,17 +3,19 @@
 Next-token negative log-likelihood of packed rows: position t of a row predicts token t+1, so the last
 position of a row predicts nothing.
 
-Logit losses in chunks of tokens (`chunked_token_mean`): a per-token loss of [tokens, vocab] logits is
-computed a few hundred tokens at a time, and its gradient with it, so no softmax, log-softmax or
-elementwise product over the whole [batch, seq, vocab] exists at once; only the logits themselves and
-the one gradient buffer they need anyway do. At Llama-3's 128,256-token vocabulary and 4,096-token
-sequences one float32 copy is 2 GiB per sequence, so this decides what fits on a GPU.
+Logit losses in chunks of tokens (`chunked_token_mean`): a per-token loss of the student's logits is
+computed from its final hidden states and its `lm_head` weight a few hundred tokens at a time, with its
+gradient, so neither the student's [batch, seq, vocab] logits nor any softmax, log-softmax, pointwise
+product or gradient of that size ever exists; per chunk, [chunk, vocab] does. At Llama-3's 128,256-token
+vocabulary and 4,096-token sequences one float32 [seq, vocab] copy is 2 GiB per sequence, so this
+decides what fits on a GPU.
 """
 
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -21,55 +23,101 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten().to(logits.device), reduction=reduction)
 
 
-def chunked_next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
-    """`next_token_nll` (mean) in chunks of tokens: the same value and gradient without whole-batch float32 copies."""
-    labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1).to(logits.device)
-    per_token = chunked_token_mean(logits, lambda chunk, target: F.cross_entropy(chunk, target, reduction="none"), labels, chunk_tokens=chunk_tokens)
-    return per_token * (labels.numel() / (labels.numel() - labels.shape[0]))  # the mean over the positions that predict a token
-
-
 class ChunkedTokenMean(torch.autograd.Function):
-    """Mean over tokens of `token_loss(logits_chunk, *target_chunks)`, chunk by chunk, gradient computed in the forward.
+    """Mean over tokens of `token_loss(hidden_chunk @ weight.T, *target_chunks)`, chunk by chunk, gradients computed in the forward.
 
-    Each chunk's loss is differentiated on the spot (a small local graph) and its gradient written into
-    one buffer shaped like the logits; the backward only scales that buffer. So the peak is the logits,
-    the teacher's target and that buffer, plus a chunk's temporaries.
+    For each chunk the logits are formed, the loss is differentiated with respect to them on the spot
+    (a small local graph), and that gradient is turned into the gradients of the hidden states
+    ([tokens, hidden]) and of the weight ([vocab, hidden]) before the next chunk; the backward only
+    scales them. The matmuls are those of an ordinary lm_head forward and backward: nothing is recomputed.
     """
 
     @staticmethod
-    def forward(ctx, logits, token_loss, chunk_tokens, *targets):
-        lead = logits.dim() - 1
-        flat = logits.reshape(-1, logits.shape[-1])
+    def forward(ctx, hidden, weight, token_loss, chunk_tokens, *targets):
+        lead = hidden.dim() - 1
+        flat = hidden.reshape(-1, hidden.shape[-1])
         targets = [target.flatten(0, lead - 1) if lead > 1 else target for target in targets]
         tokens = flat.shape[0]
-        grad = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(flat) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight) if needs_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, tokens, chunk_tokens):
             end = min(start + chunk_tokens, tokens)
-            piece = flat[start:end].detach().float().requires_grad_(grad is not None)
+            chunk = flat[start:end]
+            logits = (chunk @ weight.T).float().requires_grad_(needs_hidden or needs_weight)
             with torch.enable_grad():
-                loss = token_loss(piece, *(target[start:end] for target in targets)).sum()
-            if grad is not None:
-                grad[start:end] = torch.autograd.grad(loss, piece)[0]
+                loss = token_loss(logits, *(target[start:end] for target in targets)).sum()
+            if needs_hidden or needs_weight:
+                grad_logits = torch.autograd.grad(loss, logits)[0].to(weight.dtype)
+                if needs_hidden:
+                    grad_hidden[start:end] = grad_logits @ weight
+                if needs_weight:
+                    grad_weight.addmm_(grad_logits.T, chunk.to(grad_weight.dtype))
+                del grad_logits
             total += loss.detach()
-        if grad is not None:
-            grad.div_(tokens)
-        ctx.grad, ctx.shape, ctx.targets = grad, logits.shape, len(targets)
+        for grad in (grad_hidden, grad_weight):
+            if grad is not None:
+                grad.div_(tokens)
+        ctx.grads, ctx.shape, ctx.targets = (grad_hidden, grad_weight), hidden.shape, len(targets)
         return total / tokens
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad, ctx.grad = ctx.grad, None
-        return (grad.mul_(grad_output.to(grad.dtype)).view(ctx.shape), None, None, *([None] * ctx.targets))
+        (grad_hidden, grad_weight), ctx.grads = ctx.grads, None
+        scale = grad_output.to(torch.float32)
+        grad_hidden = grad_hidden.mul_(scale).view(ctx.shape) if grad_hidden is not None else None
+        grad_weight = grad_weight.mul_(scale) if grad_weight is not None else None
+        return (grad_hidden, grad_weight, None, None, *([None] * ctx.targets))
 
 
-def chunked_token_mean(logits: torch.Tensor, token_loss: Callable[..., torch.Tensor], *targets: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
-    """Mean of `token_loss` over the tokens of `logits` ([..., vocab]); `targets` are aligned on the same leading dims.
+def chunked_token_mean(hidden: torch.Tensor, weight: torch.Tensor, token_loss: Callable[..., torch.Tensor], *targets: torch.Tensor,
+                       chunk_tokens: int = 128) -> torch.Tensor:
+    """Mean over the tokens of `hidden` ([..., hidden]) of `token_loss` on the logits `hidden @ weight.T`; `targets` share the leading dims.
 
     `token_loss(logits_chunk [n, vocab] float32, *target_chunks)` returns the loss of each of the n tokens.
-    Equal to `token_loss(logits, *targets).mean()` in value and gradient, with bounded temporaries.
+    Equal to `token_loss(hidden @ weight.T, *targets).mean()` in value and gradients, with [chunk_tokens, vocab] temporaries.
     """
-    return ChunkedTokenMean.apply(logits, token_loss, chunk_tokens, *targets)
+    return ChunkedTokenMean.apply(hidden, weight, token_loss, chunk_tokens, *targets)
+
+
+def chunked_next_token_nll(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 128) -> torch.Tensor:
+    """`next_token_nll` (mean) of the logits `hidden @ weight.T`, in chunks of tokens: the same value and gradients."""
+    labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1).to(hidden.device)
+    per_token = chunked_token_mean(hidden, weight, lambda logits, target: F.cross_entropy(logits, target, reduction="none"), labels,
+                                   chunk_tokens=chunk_tokens)
+    return per_token * (labels.numel() / (labels.numel() - labels.shape[0]))  # the mean over the positions that predict a token
+
+
+class HiddenStatesHead(nn.Module):
+    """Stands in for a causal LM's `lm_head` while it trains with chunked losses: passes the final hidden states
+    through, so the model's "logits" output is [batch, seq, hidden]; the losses apply `weight` chunk by chunk.
+    Holds the head's own weight parameter (same object, same state-dict key, tying kept)."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        if head.bias is not None:
+            raise ValueError("chunked logit losses need an lm_head without bias")
+        self.weight = head.weight
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+def pass_hidden_states(model: nn.Module) -> HiddenStatesHead:
+    """Swap `model.lm_head` for a `HiddenStatesHead` (see there); `restore_lm_head` undoes it."""
+    model.lm_head = HiddenStatesHead(model.lm_head)
+    return model.lm_head
+
+
+def restore_lm_head(model: nn.Module) -> nn.Module:
+    """Put back a plain bias-free nn.Linear around the same weight parameter."""
+    head = model.lm_head
+    if isinstance(head, HiddenStatesHead):
+        linear = nn.Linear(head.weight.shape[1], head.weight.shape[0], bias=False, device="meta")
+        linear.weight = head.weight
+        model.lm_head = linear
+    return model
 
 
 def top_k_kl(student_logits: torch.Tensor, indices: torch.Tensor, log_probs: torch.Tensor, rest_log_mass: torch.Tensor,

@@ -155,7 +155,7 @@ class DistillConfig(TrainingConfig):
     teacher_cache: str | None = Field(None, description="Directory of a teacher-logit cache: the teacher's top-k log-probabilities of the train rows, built once "
                                                         "(resumably) and reused by every student and epoch, so the teacher does not run while training; in a recipe a relative path lies in the run folder; none runs the teacher online.")
     teacher_cache_top_k: int = Field(64, gt=0, description="Log-probabilities kept per token in the teacher cache (its k most likely tokens; the rest of the mass is kept as one number).")
-    loss_chunk_tokens: int = Field(256, gt=0, description="Tokens per chunk of the logit losses: softmaxes and gradients over the vocabulary exist for this many tokens at a time, not the whole batch.")
+    loss_chunk_tokens: int = Field(128, gt=0, description="Tokens per chunk of the logit losses: softmaxes and gradients over the vocabulary exist for this many tokens at a time, not the whole batch.")
 
     @model_validator(mode="after")
     def usable_losses(self):
