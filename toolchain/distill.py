@@ -25,7 +25,7 @@ from toolchain.evaluate import check_same_vocabulary, evaluate_model
 from toolchain.finetune import add_run_flags, print_training_summary
 from toolchain.losses import HiddenStatesHead, chunked_next_token_nll, chunked_token_mean, pass_hidden_states, restore_lm_head, top_k_kl
 from toolchain.modelopt_compat import expected_modelopt_warnings, modelopt
-from toolchain.models import load_config, load_frozen_model, load_model, load_tokenizer, model_fingerprint, resolve_model_dir
+from toolchain.models import load_config, load_frozen_model, load_model, load_tokenizer, model_fingerprint, resolve_dtype, resolve_model_dir
 from toolchain.paths import check_output_location
 from toolchain.settings import ComputeConfig, DataConfig, DistillConfig, EvalConfig
 from toolchain.teacher_cache import TeacherCache, build_lock, cache_fingerprint, fill_teacher_cache, open_teacher_cache
@@ -182,7 +182,8 @@ def teacher_cache_for(teacher_dir: Path, tokenizer, packed, settings: DistillCon
                       vocab_size: int, teacher_loader) -> tuple[TeacherCache, int]:
     """Open the run's teacher cache and compute the rows of `needed` it lacks (rank 0, the teacher loaded only then); returns it and the rows computed."""
     fingerprint = cache_fingerprint(model_fingerprint(teacher_dir), tokenizer_fingerprint(tokenizer), packed.directory.name, packed.seq_len,
-                                    vocab_size, settings.teacher_cache_top_k, settings.temperature, compute.dtype)
+                                    vocab_size, settings.teacher_cache_top_k, settings.temperature,
+                                    str(resolve_dtype(compute.dtype, runtime.device)))
     rows = packed.split("train")
     directory = Path(settings.teacher_cache)
     computed = 0
