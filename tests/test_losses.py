@@ -137,3 +137,15 @@ def test_top_k_kl_is_the_full_kl_at_k_equal_vocabulary_with_temperature_and_a_lo
     rest = torch.log1p(-log_p.gather(-1, top).exp().sum(-1))
     partial = top_k_kl(student, top, log_p.gather(-1, top), rest, temperature=2.0)
     assert (partial <= full_kl(student, teacher, 2.0) + 1e-6).all() and (partial > 0).all()
+
+
+def test_chunked_kl_of_given_logits_equals_the_whole_batch_kl():
+    """Without a fused head (under FSDP the student outputs logits): the chunks are of the logits themselves."""
+    student, teacher = logits_pair()
+    student.requires_grad_()
+    reference = modelopt("distill").LogitsDistillationLoss(temperature=1.0, reduction="none")(student, teacher).mean()
+    (expected,) = torch.autograd.grad(reference, student)
+    chunked = TokenKLLoss(temperature=1.0, chunk_tokens=7, student_head=None)(student, teacher)
+    (grad,) = torch.autograd.grad(chunked, student)
+    assert chunked.item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)

@@ -23,7 +23,7 @@ from toolchain.distributed import distributed_context, prepare_data_on_ranks
 from toolchain.errors import UserError, setting
 from toolchain.evaluate import check_same_vocabulary, evaluate_model
 from toolchain.finetune import add_run_flags, print_training_summary
-from toolchain.losses import HiddenStatesHead, chunked_next_token_nll, chunked_token_mean, pass_hidden_states, restore_lm_head, top_k_kl
+from toolchain.losses import HiddenStatesHead, chunked_next_token_nll, chunked_token_mean, head_weight, pass_hidden_states, restore_lm_head, top_k_kl
 from toolchain.modelopt_compat import expected_modelopt_warnings, modelopt
 from toolchain.models import load_config, load_frozen_model, load_model, load_tokenizer, model_fingerprint, resolve_dtype, resolve_model_dir
 from toolchain.paths import check_output_location
@@ -42,14 +42,14 @@ class TokenKLLoss(_Loss):
     no [batch, seq, vocab] copy of the student's side exists (see `toolchain.losses`).
     """
 
-    def __init__(self, temperature: float, chunk_tokens: int, student_head: HiddenStatesHead):
+    def __init__(self, temperature: float, chunk_tokens: int, student_head: HiddenStatesHead | None):
         super().__init__()
         self.kl = modelopt("distill").LogitsDistillationLoss(temperature=temperature, reduction="none")
         self.chunk_tokens = chunk_tokens
         self.student_head = (student_head,)  # a tuple, so the criterion does not register the student's weight as its own
 
     def forward(self, student_hidden: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return chunked_token_mean(student_hidden, self.student_head[0].weight, lambda logits, teacher: self.kl(logits, teacher.float()),
+        return chunked_token_mean(student_hidden, head_weight(self.student_head[0]), lambda logits, teacher: self.kl(logits, teacher.float()),
                                   teacher_logits, chunk_tokens=self.chunk_tokens)
 
 
@@ -94,7 +94,7 @@ def layer_mapping(kept: list[int], teacher_layers: int) -> list[tuple[int, int]]
     return list(enumerate(targets))
 
 
-def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]], student_head: HiddenStatesHead):
+def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]], student_head: HiddenStatesHead | None):
     """ModelOpt criterion and loss balancer; weights are normalised so they sum to 1 with the LM loss's share."""
     mtd = modelopt("distill")
 
@@ -116,20 +116,21 @@ def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]]
     return criterion, balancer
 
 
-def build_distillation(teacher_model, student_model, config: DistillConfig, mapping: list[tuple[int, int]]):
+def build_distillation(teacher_model, student_model, config: DistillConfig, mapping: list[tuple[int, int]], fuse_head: bool = True):
     """ModelOpt's distillation model around the student (teacher frozen inside) and the loss function for the loop.
 
-    The student's lm_head becomes a `HiddenStatesHead` (the losses form its logits in chunks); `restore_lm_head`
-    on the exported student puts the plain head back.
+    With `fuse_head` the student's lm_head becomes a `HiddenStatesHead` (the losses form its logits in chunks);
+    `restore_lm_head` on the exported student puts the plain head back. Without (FSDP shards that weight), the
+    student outputs its logits and the losses chunk those.
     """
-    head = pass_hidden_states(student_model)
+    head = pass_hidden_states(student_model, fuse_head)
     criterion, balancer = distillation_criterion(config, mapping, head)
     distill_model = modelopt("distill").convert(
         student_model, mode=[("kd_loss", {"teacher_model": teacher_model, "criterion": criterion, "loss_balancer": balancer})])
     return distill_model, kd_loss_function(distill_model, config, criterion, head)
 
 
-def kd_loss_function(distill_model, config: DistillConfig, criterion: dict, head: HiddenStatesHead):
+def kd_loss_function(distill_model, config: DistillConfig, criterion: dict, head: HiddenStatesHead | None):
     """The loss of one micro-batch for the training loop: ModelOpt's balanced total, and its parts for the log
     (logit_kl, lm_loss, hidden_loss averaged over the mapped layers)."""
     # compute_kd_loss names each loss by its class and position in the criterion
@@ -139,7 +140,7 @@ def kd_loss_function(distill_model, config: DistillConfig, criterion: dict, head
 
     def compute_loss(wrapped, input_ids):
         output = wrapped(input_ids=input_ids, use_cache=False)
-        student_loss = chunked_next_token_nll(output.logits, head.weight, input_ids, config.loss_chunk_tokens) if config.lm_loss_weight > 0 else None
+        student_loss = chunked_next_token_nll(output.logits, head_weight(head), input_ids, config.loss_chunk_tokens) if config.lm_loss_weight > 0 else None
         parts = distill_model.compute_kd_loss(student_loss=student_loss, skip_balancer=True)
         losses = {"loss": distill_model.loss_balancer(parts)}
         for key, value in parts.items():
@@ -159,7 +160,7 @@ def check_pair(teacher_config, student_config, config: DistillConfig) -> None:
                         f"{student_config.hidden_size}; use it for depth-pruned students, or set {setting('distill.intermediate_loss')} none")
 
 
-def cached_kd_loss_function(cache: TeacherCache, config: DistillConfig, head: HiddenStatesHead):
+def cached_kd_loss_function(cache: TeacherCache, config: DistillConfig, head: HiddenStatesHead | None):
     """The loss of one micro-batch against the teacher cache: the top-k KL (and the LM loss), weighted as ModelOpt's
     balancer weighs them online; the student's lm_head is a `HiddenStatesHead`, its logits formed in chunks."""
     total = config.logit_loss_weight + config.lm_loss_weight
@@ -167,10 +168,10 @@ def cached_kd_loss_function(cache: TeacherCache, config: DistillConfig, head: Hi
 
     def compute_loss(wrapped, input_ids):
         hidden = wrapped(input_ids=input_ids, use_cache=False).logits
-        kl = chunked_token_mean(hidden, head.weight, token_kl, *cache.targets(input_ids), chunk_tokens=config.loss_chunk_tokens)
+        kl = chunked_token_mean(hidden, head_weight(head), token_kl, *cache.targets(input_ids), chunk_tokens=config.loss_chunk_tokens)
         losses = {"loss": kl * (config.logit_loss_weight / total), "logit_kl": kl.detach()}
         if config.lm_loss_weight > 0:
-            lm_loss = chunked_next_token_nll(hidden, head.weight, input_ids, config.loss_chunk_tokens)
+            lm_loss = chunked_next_token_nll(hidden, head_weight(head), input_ids, config.loss_chunk_tokens)
             losses["loss"] = losses["loss"] + lm_loss * (config.lm_loss_weight / total)
             losses["lm_loss"] = lm_loss.detach()
         return losses
@@ -253,18 +254,19 @@ def distill(teacher: str, student: str, out: Path, settings: DistillConfig, data
         inputs = {"teacher": model_fingerprint(teacher_dir), "student": model_fingerprint(student_dir), "data": packed.directory.name}
 
         mapping = None
+        fuse_head = not (runtime.world_size > 1 and settings.distributed == "fsdp")  # FSDP shards the head's weight: chunk the logits instead
         if settings.teacher_cache is not None:
             train_rows = packed.split("train")
             needed = rows_of_run(settings, len(train_rows), data.seq_len, runtime.world_size)
             cache, computed = teacher_cache_for(teacher_dir, tokenizer, packed, settings, compute, runtime, needed, teacher_config.vocab_size, teacher_model)
             log.info("teacher cache %s: %d of the run's %d rows computed now", settings.teacher_cache, computed, len(needed))
-            head = pass_hidden_states(prepare_student(student_model, settings))
+            head = pass_hidden_states(prepare_student(student_model, settings), fuse_head)
             task = TrainingTask(student_model, cached_kd_loss_function(cache, settings, head), student_config)
             inputs["teacher_cache"] = cache.fingerprint
         else:
             teacher_layers, student_layers = teacher_config.num_hidden_layers, student_config.num_hidden_layers
             mapping = layer_mapping(kept_teacher_layers(student_dir, teacher_layers, student_layers), teacher_layers)
-            distill_model, compute_loss = build_distillation(teacher_model(), prepare_student(student_model, settings), settings, mapping)
+            distill_model, compute_loss = build_distillation(teacher_model(), prepare_student(student_model, settings), settings, mapping, fuse_head)
             task = TrainingTask(distill_model, compute_loss, student_config, frozen=[teacher_model()],
                                 foreign_state_key=lambda key: key.startswith("_teacher_model."))
 

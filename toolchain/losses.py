@@ -24,7 +24,8 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str
 
 
 class ChunkedTokenMean(torch.autograd.Function):
-    """Mean over tokens of `token_loss(hidden_chunk @ weight.T, *target_chunks)`, chunk by chunk, gradients computed in the forward.
+    """Mean over tokens of `token_loss(hidden_chunk @ weight.T, *target_chunks)`, chunk by chunk, gradients computed in the forward
+    (`weight` None: `hidden` are the logits already, e.g. under FSDP, whose sharded head weight the loss cannot use).
 
     For each chunk the logits are formed, the loss is differentiated with respect to them on the spot
     (a small local graph), and that gradient is turned into the gradients of the hidden states
@@ -38,22 +39,26 @@ class ChunkedTokenMean(torch.autograd.Function):
         flat = hidden.reshape(-1, hidden.shape[-1])
         targets = [target.flatten(0, lead - 1) if lead > 1 else target for target in targets]
         tokens = flat.shape[0]
-        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_hidden, needs_weight = ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(flat) if needs_hidden else None
         grad_weight = torch.zeros_like(weight) if needs_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, tokens, chunk_tokens):
             end = min(start + chunk_tokens, tokens)
             chunk = flat[start:end]
-            logits = (chunk @ weight.T).float().requires_grad_(needs_hidden or needs_weight)
+            logits = (chunk @ weight.T if weight is not None else chunk).detach().float().requires_grad_(needs_hidden or needs_weight)
             with torch.enable_grad():
                 loss = token_loss(logits, *(target[start:end] for target in targets)).sum()
             if needs_hidden or needs_weight:
-                grad_logits = torch.autograd.grad(loss, logits)[0].to(weight.dtype)
-                if needs_hidden:
-                    grad_hidden[start:end] = grad_logits @ weight
-                if needs_weight:
-                    grad_weight.addmm_(grad_logits.T, chunk.to(grad_weight.dtype))
+                grad_logits = torch.autograd.grad(loss, logits)[0]
+                if weight is None:
+                    grad_hidden[start:end] = grad_logits
+                else:
+                    grad_logits = grad_logits.to(weight.dtype)
+                    if needs_hidden:
+                        grad_hidden[start:end] = grad_logits @ weight
+                    if needs_weight:
+                        grad_weight.addmm_(grad_logits.T, chunk.to(grad_weight.dtype))
                 del grad_logits
             total += loss.detach()
         for grad in (grad_hidden, grad_weight):
@@ -71,7 +76,7 @@ class ChunkedTokenMean(torch.autograd.Function):
         return (grad_hidden, grad_weight, None, None, *([None] * ctx.targets))
 
 
-def chunked_token_mean(hidden: torch.Tensor, weight: torch.Tensor, token_loss: Callable[..., torch.Tensor], *targets: torch.Tensor,
+def chunked_token_mean(hidden: torch.Tensor, weight: torch.Tensor | None, token_loss: Callable[..., torch.Tensor], *targets: torch.Tensor,
                        chunk_tokens: int = 128) -> torch.Tensor:
     """Mean over the tokens of `hidden` ([..., hidden]) of `token_loss` on the logits `hidden @ weight.T`; `targets` share the leading dims.
 
@@ -81,7 +86,7 @@ def chunked_token_mean(hidden: torch.Tensor, weight: torch.Tensor, token_loss: C
     return ChunkedTokenMean.apply(hidden, weight, token_loss, chunk_tokens, *targets)
 
 
-def chunked_next_token_nll(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 128) -> torch.Tensor:
+def chunked_next_token_nll(hidden: torch.Tensor, weight: torch.Tensor | None, input_ids: torch.Tensor, chunk_tokens: int = 128) -> torch.Tensor:
     """`next_token_nll` (mean) of the logits `hidden @ weight.T`, in chunks of tokens: the same value and gradients."""
     labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1).to(hidden.device)
     per_token = chunked_token_mean(hidden, weight, lambda logits, target: F.cross_entropy(logits, target, reduction="none"), labels,
@@ -104,10 +109,18 @@ class HiddenStatesHead(nn.Module):
         return hidden_states
 
 
-def pass_hidden_states(model: nn.Module) -> HiddenStatesHead:
-    """Swap `model.lm_head` for a `HiddenStatesHead` (see there); `restore_lm_head` undoes it."""
-    model.lm_head = HiddenStatesHead(model.lm_head)
-    return model.lm_head
+def pass_hidden_states(model: nn.Module, enabled: bool = True) -> HiddenStatesHead | None:
+    """Swap `model.lm_head` for a `HiddenStatesHead` (see there); `restore_lm_head` undoes it. Not `enabled`: the model
+    keeps its head (its output is logits) and None is returned, which `head_weight` turns into the losses' "logits given"."""
+    if enabled:
+        model.lm_head = HiddenStatesHead(model.lm_head)
+        return model.lm_head
+    return None
+
+
+def head_weight(head: HiddenStatesHead | None) -> torch.Tensor | None:
+    """The weight the chunked losses form logits with (read at loss time), or None when the model outputs logits."""
+    return head.weight if head is not None else None
 
 
 def restore_lm_head(model: nn.Module) -> nn.Module:
