@@ -2,11 +2,15 @@
 
 In one run, alternating in rounds so machine noise hits all alike (medians reported):
 - KD step: the toolchain's step (ModelOpt distillation model: teacher forward + student forward,
-  KL loss on logits, student backward), exactly as `minitron distill` runs it;
+  KL loss on logits in chunks of --loss-chunk-tokens tokens, student backward), exactly as `minitron distill` runs it;
 - teacher forward alone (no grad) + student forward/backward alone (LM loss) on the same batch.
 Target: the KD step within 10% of the sum of its parts.
 Memory: peak during the KD step (CUDA: max allocated; CPU: peak RSS sampled every 2 ms) against the
-teacher and student weights, the student's gradients and AdamW's two moment buffers.
+teacher and student weights, the student's gradients and AdamW's two moment buffers. Two CPU measures:
+the whole process (RSS above the process before any model loaded: also counts ModelOpt's and the
+libraries' own memory) and the step alone (RSS above the RSS just before the step, after freed heap
+memory is handed back with malloc_trim, added to what must exist). Measured without and with the
+student's gradient checkpointing (memory only for the latter).
 
 The student is a random-init copy of the teacher config sliced to --hidden-size / --ffn-hidden-size
 (the smollm2 width student's shape) unless --student names a checkpoint; speed does not depend on weights.
@@ -15,6 +19,8 @@ The student is a random-init copy of the teacher config sliced to --hidden-size 
 """
 
 import argparse
+import ctypes
+import gc
 import statistics
 import threading
 import time
@@ -64,6 +70,13 @@ class PeakMemory:
             self.running = False
             self.thread.join()
 
+    def settled(self) -> int:
+        """Current memory once freed heap memory is handed back to the system (CPU), so a peak above it is the step's own."""
+        if self.device.type == "cpu":
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return self.current()
+
     def current(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else self.rss()
 
@@ -99,6 +112,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=DistillConfig.model_fields["loss_chunk_tokens"].default)
     args = parser.parse_args()
     pin_threads(args.threads)
 
@@ -108,7 +122,7 @@ def main() -> None:
     student = load_model(args.student, device=args.device) if args.student else sliced_student(args.teacher, args.hidden_size, args.ffn_hidden_size, teacher.dtype).to(args.device)
     plain_student = load_model(args.student, device=args.device) if args.student else sliced_student(args.teacher, args.hidden_size, args.ffn_hidden_size, teacher.dtype).to(args.device)
     plain_student.train()
-    config = DistillConfig(steps=1)
+    config = DistillConfig(steps=1, loss_chunk_tokens=args.loss_chunk_tokens)
     distill_model, compute_loss = build_distillation(teacher, prepare_student(student, config), config, layer_mapping(list(range(student.config.num_hidden_layers)), teacher.config.num_hidden_layers))
     rows = prepare_data(DataConfig(spec=args.data, seq_len=args.seq_len), load_tokenizer(args.teacher)).split("train")
     input_ids = next(iterate_batches(rows, args.micro_batch_size)).to(args.device)
@@ -134,15 +148,27 @@ def main() -> None:
     # the plain copy only exists for the separate timing: free its gradients before measuring memory
     plain_student.zero_grad(set_to_none=True)
     kd_seconds, teacher_seconds, student_seconds = [], [], []
-    peaks = []
+    peaks, step_increments = [], []
     for _ in range(args.rounds):
         distill_model.zero_grad(set_to_none=False)
+        before = memory.settled()
         with memory:
             kd_seconds.append(timed(kd_step))
         peaks.append(memory.peak)
+        step_increments.append(memory.peak - before)
         teacher_seconds.append(timed(teacher_forward))
         student_seconds.append(timed(student_step))
         plain_student.zero_grad(set_to_none=True)
+
+    # the same step with the student's gradient checkpointing (HF's, as --gradient-checkpointing): memory only
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed_increments = []
+    for _ in range(2):
+        distill_model.zero_grad(set_to_none=False)
+        before = memory.settled()
+        with memory:
+            kd_step()
+        checkpointed_increments.append(memory.peak - before)
 
     tokens = input_ids.numel()
     kd, teacher_s, student_s = (statistics.median(x) for x in (kd_seconds, teacher_seconds, student_seconds))
@@ -159,24 +185,26 @@ def main() -> None:
     extra_copy = tensor_bytes(plain_student.parameters())
     required = sum(must_exist.values())
     peak = statistics.median(peaks) - baseline - extra_copy
+    step_peak = {"plain": required + statistics.median(step_increments), "gradient_checkpointing": required + min(checkpointed_increments[1:])}
     gib = 1024 ** 3
     payload = {
         "benchmark": "distillation step vs teacher forward + student forward/backward; peak memory vs must-exist state",
         "teacher": args.teacher, "student": args.student or f"random-init slice of {args.teacher}: hidden {args.hidden_size}, ffn {args.ffn_hidden_size}",
         "student_parameters": sum(p.numel() for p in student_parameters), "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-        "micro_batch": [args.micro_batch_size, args.seq_len], "tokens_per_step": tokens, "rounds": args.rounds,
+        "micro_batch": [args.micro_batch_size, args.seq_len], "tokens_per_step": tokens, "loss_chunk_tokens": args.loss_chunk_tokens, "rounds": args.rounds,
         "kd_step_seconds": kd_seconds, "teacher_forward_seconds": teacher_seconds, "student_forward_backward_seconds": student_seconds,
         "kd_over_parts": ratio, "target_kd_over_parts": 1.10, "within_target": ratio <= 1.10,
         "kd_tokens_per_second": tokens / kd,
         "memory_bytes": {**must_exist, "required_total": required, "peak_during_kd_step": peak, "peak_over_required": peak / required,
-                         "activations_and_temporaries": peak - required},
+                         "activations_and_temporaries": peak - required, "target_peak_over_required": 1.5,
+                         "step_alone_peak": step_peak, "step_alone_peak_over_required": {name: value / required for name, value in step_peak.items()}},
         "memory_measure": "CUDA max_memory_allocated" if args.device.startswith("cuda") else
                           "CPU resident set size sampled every 2 ms, minus the process before loading models and the separate-timing copy",
         "machine": machine(),
     }
     rows_md = [
         "| measure | median s | tokens/s |", "|---|---|---|",
-        f"| KD step (ModelOpt teacher fwd + student fwd/bwd + KL) | {kd:.2f} | {tokens / kd:,.0f} |",
+        f"| KD step (ModelOpt teacher fwd + student fwd/bwd + KL in chunks of {args.loss_chunk_tokens} tokens) | {kd:.2f} | {tokens / kd:,.0f} |",
         f"| teacher forward alone | {teacher_s:.2f} | {tokens / teacher_s:,.0f} |",
         f"| student forward/backward alone (LM loss) | {student_s:.2f} | {tokens / student_s:,.0f} |",
         f"| sum of the parts | {teacher_s + student_s:.2f} | {tokens / (teacher_s + student_s):,.0f} |",
@@ -192,7 +220,11 @@ def main() -> None:
         *rows_md, "",
         f"**KD step / (teacher forward + student forward/backward) = {ratio:.3f}** (target ≤ 1.10: {'met' if ratio <= 1.10 else 'NOT met'}).", "",
         *memory_md, "",
-        f"Peak / required = {peak / required:.2f}. Memory measured as {payload['memory_measure']}.",
+        f"Whole process: peak / required = {peak / required:.2f}. Memory measured as {payload['memory_measure']}.", "",
+        "The step alone (what must exist + the step's own peak above the memory before it, freed heap handed back first):", "",
+        "| student activations | peak GiB | peak / required | target ≤ 1.5 |", "|---|---|---|---|",
+        *[f"| {name.replace('_', ' ')} | {value / gib:.3f} | {value / required:.2f} | {'met' if value / required <= 1.5 else 'NOT met'} |"
+          for name, value in step_peak.items()],
     ])
     write_results("distill_speed", payload, markdown)
     print(markdown)

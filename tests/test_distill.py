@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from toolchain.cli import main as cli_main
 from toolchain.distill import distill, distillation_criterion, kept_teacher_layers, layer_mapping
+from toolchain.losses import pass_hidden_states
 from toolchain.modelopt_compat import modelopt
 from toolchain.settings import DistillConfig, EvalConfig
 
@@ -154,8 +155,9 @@ def test_layer_mapping_of_depth_pruned_students(teacher, tmp_path):
 
     mtd = modelopt("distill")
     config = small_config(logit_loss_weight=1.0, intermediate_loss="cosine", intermediate_loss_weight=1.0)
-    criterion, balancer = distillation_criterion(config, mapping)
-    model = mtd.convert(AutoModelForCausalLM.from_pretrained(pruned), mode=[("kd_loss", {
+    student_model = AutoModelForCausalLM.from_pretrained(pruned)
+    criterion, balancer = distillation_criterion(config, mapping, pass_hidden_states(student_model))
+    model = mtd.convert(student_model, mode=[("kd_loss", {
         "teacher_model": AutoModelForCausalLM.from_pretrained(teacher), "criterion": criterion, "loss_balancer": balancer})])
     model(input_ids=torch.randint(0, 384, (2, 16)), use_cache=False)
     losses = list(model.compute_kd_loss(skip_balancer=True).values())

@@ -114,6 +114,19 @@ def test_a_changed_setting_reruns_its_stage_and_what_depends_on_it(teacher, corp
     assert not list((tmp_path / "run").rglob(".*.*"))  # no work directory left behind
 
 
+def test_students_distil_from_one_teacher_cache_built_once(teacher, corpus_jsonl, tmp_path):
+    recipe = write_recipe(tmp_path, teacher, corpus_jsonl, distill__teacher_cache="teacher-cache", distill__teacher_cache_top_k=16)
+    summary = run_pipeline(load_recipe(recipe))
+    (build,) = summary["teacher_cache"]
+    assert build["directory"] == str(tmp_path / "run" / "teacher-cache") and build["rows"] == build["computed_rows"] == 8  # 2 steps x 4 rows
+    for student in ("width", "depth"):
+        record = json.loads((tmp_path / "run" / "students" / student / "distilled" / "stage.json").read_text())
+        assert record["settings"]["distill"]["teacher_cache"] == build["directory"]
+    assert "Teacher cache" in (tmp_path / "run" / "summary.md").read_text()
+    again = run_pipeline(load_recipe(recipe, ["distill.steps=3"]))  # a longer run: only the rows the cache lacks are computed
+    assert again["teacher_cache"][0]["rows"] == 12 and again["teacher_cache"][0]["computed_rows"] == 4
+
+
 def test_a_folder_that_is_not_a_run_is_refused_and_left_alone(teacher, corpus_jsonl, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")

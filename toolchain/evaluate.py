@@ -149,13 +149,18 @@ def configure_parser(parser) -> None:
     parser.add_argument("--teacher", help="teacher model, for KL(teacher || model) and top-1 agreement")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_recipe_source(parser)
-    for section in ("data", "eval", "compute"):
+    for section in ("data", "eval", "compute", "lm_eval"):
         add_section_flags(parser, section)
 
 
 def command(args) -> int:
     from toolchain.cli_args import sections_from_args
 
-    data, settings, compute = sections_from_args(args, "data", "eval", "compute")
+    data, settings, compute, tasks = sections_from_args(args, "data", "eval", "compute", "lm_eval")
+    if tasks.tasks:
+        from toolchain.downstream import print_task_results, run_tasks
+
+        print_task_results(run_tasks(args.model, tasks, compute), args.json)
+        return 0
     print_eval_result(evaluate(args.model, data, settings, compute, teacher=args.teacher), args.json)
     return 0

@@ -15,10 +15,12 @@ Run folder:
     teacher-corrected/               teacher after LM fine-tuning (only with teacher.correction.tokens)
     teacher-eval/                    metrics.json of the teacher
     importance/                      importance.safetensors: the scores every student is pruned by, computed once
+    teacher-cache/                   teacher top-k log-probs of the students' train rows (only with a relative distill.teacher_cache; built once, before the students)
     students/NAME/pruned/            HF checkpoint + pruning.json
     students/NAME/pruned-eval/       metrics.json against the teacher
     students/NAME/distilled/         HF checkpoint + train_log.jsonl
     students/NAME/distilled-eval/    metrics.json against the teacher
+    teacher-tasks/, students/NAME/tasks/   tasks.json: lm-evaluation-harness tasks (only with lm_eval.tasks)
     students/NAME/quantized/         ModelOpt unified checkpoint (only with quantize.format)
     students/NAME/export-FORMAT/     exported final student (only with export.format)
     students/NAME/engine/            engine directory with manifest.json (only with engine.profile)
@@ -43,13 +45,14 @@ from toolchain.evaluate import evaluate_model
 from toolchain.models import load_config, load_frozen_model, load_model, load_tokenizer, model_fingerprint, parameter_counts, resolve_model_dir
 from toolchain.paths import atomic_write_text, check_output_location, replace_path
 from toolchain.recipe import Recipe, StudentConfig, check_recipe_inputs, load_recipe, recipe_field_namer
-from toolchain.settings import EvalConfig
+from toolchain.settings import DistillConfig, EvalConfig
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 STAGE_RECORD = "stage.json"
 METRICS_FILE = "metrics.json"
+TASKS_FILE = "tasks.json"
 INTERRUPT_HINT = "; rerun the same command to continue (finished stages are kept, training resumes from its last checkpoint)"
 
 
@@ -135,6 +138,21 @@ def evaluation_stage(run: Run, name: str, model: Path, model_key: str, teacher: 
     return json.loads((run.dir / name / METRICS_FILE).read_text())
 
 
+def tasks_stage(run: Run, name: str, model: Path | str, model_key: str) -> dict:
+    """The recipe's lm-evaluation-harness tasks on one model (the teacher, or a student's final checkpoint); returns {task: metrics}."""
+    from toolchain.downstream import run_tasks
+
+    recipe = run.recipe
+
+    def produce(work: Path) -> None:
+        results = run_tasks(str(model), recipe.lm_eval, recipe.compute)
+        work.mkdir(parents=True)
+        (work / TASKS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+
+    run.stage(name, {"lm_eval": recipe.lm_eval.model_dump(mode="json"), "compute": recipe.compute.model_dump(mode="json")}, {"model": model_key}, produce)
+    return json.loads((run.dir / name / TASKS_FILE).read_text())["tasks"]
+
+
 def teacher_stage(run: Run, data_settings: dict) -> tuple[str, str]:
     """The teacher every student is cut from: the given one, or after teacher correction. Returns (model, key)."""
     recipe = run.recipe
@@ -183,6 +201,32 @@ def importance_stage(run: Run, teacher: str, teacher_key: str, data_settings: di
                                     "compute": recipe.compute.model_dump(mode="json")}, {"teacher": teacher_key}, produce)
 
 
+def student_distill_settings(run: Run, student: StudentConfig) -> DistillConfig:
+    """A student's distillation settings, with a relative teacher-cache directory placed in the run folder."""
+    settings = run.recipe.student_distill(student)
+    if settings.teacher_cache is not None and not Path(settings.teacher_cache).is_absolute():
+        settings = settings.model_copy(update={"teacher_cache": str(run.dir / settings.teacher_cache)})
+    return settings
+
+
+def teacher_cache_stage(run: Run, teacher: str) -> list[dict]:
+    """The teacher runs once over the train rows of every student that distils from a cache (per cache directory), before
+    any of them trains; the cache keeps what it built, so a rerun computes only rows it lacks. Returns what each build did."""
+    from toolchain.distill import build_teacher_cache
+
+    by_directory: dict[str, list[DistillConfig]] = {}
+    for student in run.recipe.students:
+        with settings_named_by(recipe_field_namer(run.recipe, student)):
+            settings = student_distill_settings(run, student)
+        if settings.teacher_cache is not None and (settings.tokens or settings.steps):
+            by_directory.setdefault(settings.teacher_cache, []).append(settings)
+    builds = []
+    for runs in by_directory.values():
+        started = time.perf_counter()
+        builds.append({**build_teacher_cache(teacher, runs, run.recipe.data, run.recipe.compute), "seconds": time.perf_counter() - started})
+    return builds
+
+
 def student_stages(run: Run, student: StudentConfig, teacher: str, teacher_key: str, importance_key: str | None, data_settings: dict) -> dict:
     """prune → eval → distill → eval → quantize → export → engine for one student; returns its summary row and engine key."""
     from toolchain.prune import IMPORTANCE_FILE, prune
@@ -191,7 +235,7 @@ def student_stages(run: Run, student: StudentConfig, teacher: str, teacher_key: 
     base = f"students/{student.name}"
     compute = recipe.compute.model_dump(mode="json")
 
-    settings = recipe.student_distill(student)
+    settings = student_distill_settings(run, student)
     row = {"name": student.name}
     if student.search is not None:
         from toolchain.search import search
@@ -231,6 +275,8 @@ def student_stages(run: Run, student: StudentConfig, teacher: str, teacher_key: 
         trained = run.dir / base / "distilled"
         row["distilled"] = evaluation_stage(run, f"{base}/distilled-eval", trained, trained_key, teacher, teacher_key, data_settings)
         row["distill_seconds"] = run.seconds(f"{base}/distilled")
+    if recipe.lm_eval.tasks:
+        row["tasks"] = tasks_stage(run, f"{base}/tasks", trained, trained_key)
     final, final_key = trained, trained_key
     if recipe.quantize.format != "none":
         from toolchain.quantize import REPORT_FILE, quantize
@@ -318,7 +364,9 @@ def run_pipeline(recipe: Recipe) -> dict:
     with settings_named_by(recipe_field_namer(recipe)):
         teacher, teacher_key = teacher_stage(run, data_settings)
         teacher_eval = evaluation_stage(run, "teacher-eval", Path(teacher), teacher_key, teacher, teacher_key, data_settings, against_teacher=False)
+        teacher_tasks = tasks_stage(run, "teacher-tasks", teacher, teacher_key) if recipe.lm_eval.tasks else None
         importance_key = importance_stage(run, teacher, teacher_key, data_settings)
+    teacher_caches = teacher_cache_stage(run, teacher)
     students = []
     for student in recipe.students:
         with settings_named_by(recipe_field_namer(recipe, student)):
@@ -327,6 +375,10 @@ def run_pipeline(recipe: Recipe) -> dict:
                "eval": {"data": recipe.data.spec, "split": recipe.eval.split, "seq_len": recipe.data.seq_len, **recipe.eval.model_dump(mode="json")},
                "teacher": {"model": teacher, "parameters": parameter_counts(load_config(teacher))["total"], "eval": teacher_eval},
                "students": [{key: value for key, value in student.items() if key != "engine_key"} for student in students]}
+    if teacher_tasks is not None:
+        summary["teacher"]["tasks"] = teacher_tasks
+    if teacher_caches:
+        summary["teacher_cache"] = teacher_caches
     if recipe.engine.profile and recipe.bench.enabled and students:
         with settings_named_by(recipe_field_namer(recipe)):
             summary["bench"] = bench_stage(run, teacher, teacher_key, students, data_settings)
@@ -350,6 +402,14 @@ def format_summary(summary: dict) -> str:
                 metrics = student[stage]
                 lines.append(f"| {student['name']} ({stage}) | {student['parameters'] / 1e6:.1f}M | {metrics['perplexity']:.2f} | "
                              f"{metrics['kl']:.3f} | {metrics['top1_agreement']:.1%} |")
+    if "tasks" in teacher:
+        lines += ["", "lm-evaluation-harness tasks (the final checkpoint of each student):", "", "| model | task | metric | value |", "|---|---|---|---|"]
+        for label, tasks in [("teacher", teacher["tasks"])] + [(student["name"], student.get("tasks", {})) for student in summary["students"]]:
+            lines += [f"| {label} | {task} | {metric} | {value:.4f} |" for task, metrics in tasks.items() for metric, value in metrics.items()
+                      if not metric.endswith("_stderr")]
+    for build in summary.get("teacher_cache", []):
+        lines += ["", f"Teacher cache `{build['directory']}`: {build['rows']} train rows, {build['computed_rows']} computed in this run "
+                      f"({build['seconds']:.0f} s)."]
     searched = [f"- {s['name']}: best within {s['search']['budget']}: {s['search']['chosen']} (all candidates: `{s['search']['candidates']}`)"
                 for s in summary["students"] if "search" in s]
     if searched:

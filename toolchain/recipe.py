@@ -24,6 +24,7 @@ from toolchain.settings import (
     EvalConfig,
     ExportConfig,
     ImportanceConfig,
+    LmEvalConfig,
     PruneConfig,
     QuantizeConfig,
     SearchConfig,
@@ -62,6 +63,7 @@ class Recipe(Section):
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="dtype and device of every stage.")
     data: DataConfig = Field(default_factory=DataConfig, description="Calibration, distillation and eval data, and how it is split.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation of the teacher and of every student (the same rows for all).")
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig, description="lm-evaluation-harness tasks run on the teacher and every final student (none by default), and by `minitron eval --recipe`.")
     importance: ImportanceConfig = Field(default_factory=ImportanceConfig, description="Importance of the teacher's units, computed once for all students.")
     students: list[StudentConfig] = Field(default_factory=list, description="Students to prune and distill from the teacher.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Distillation settings shared by students.")

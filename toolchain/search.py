@@ -14,6 +14,8 @@ ones; a different search in the same folder is refused):
     candidates/ID/pruned/         the candidate's pruned checkpoint
     candidates/ID/distilled/      after the short distillation
     candidates/ID/result.json     shape, size, KL, perplexity
+    teacher-cache/                the teacher's top-k log-probs of the distillation rows, shared by every candidate
+                                  (unless distill.teacher_cache names another, or a hidden-state loss needs the teacher online)
     engines/, speed.json          with a CPU profile: the CPU engines and their measured batch-1 decode speed
     candidates.json, candidates.md, pareto.png   ranked candidates, speed projected (GPU profile) or measured (CPU profile)
     chosen/                       the best candidate's pruned checkpoint, ready for `minitron distill`
@@ -227,6 +229,11 @@ def search(model: str, out: Path, settings: SearchConfig, importance: Importance
     original, architecture = ModelShape.from_config(config), Architecture.from_config(config)
     candidates, space = choose_candidates(original, architecture, settings)
     distill_settings = distill_settings.model_copy(update={"tokens": settings.tokens, "steps": None})
+    if distill_settings.intermediate_loss == "none":
+        # every candidate trains on the same rows: the teacher runs once over them, not once per candidate;
+        # a relative cache directory (a recipe's) lies in OUT, as a run's lies in its run folder
+        cache = Path(distill_settings.teacher_cache or "teacher-cache")
+        distill_settings = distill_settings.model_copy(update={"teacher_cache": str(cache if cache.is_absolute() else out / cache)})
     identity = {"teacher": model_fingerprint(model_dir), "data": {**data.model_dump(mode="json"), "content": source_fingerprint(data.spec, data.text_field)},
                 "search": settings.model_dump(mode="json"), "importance": importance.model_dump(mode="json"),
                 "distill": distill_settings.model_dump(mode="json"), "eval": evaluation.model_dump(mode="json"), "compute": compute.model_dump(mode="json")}

@@ -57,6 +57,17 @@ class EvalConfig(Section):
     split: Literal["eval", "calibration", "train", "all"] = Field("eval", description="Which split of the data to evaluate on (all: every document; for small files).")
 
 
+class LmEvalConfig(Section):
+    """Downstream tasks of lm-evaluation-harness (`minitron eval MODEL --tasks ...`; needs the lm-eval extra)."""
+
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks or groups to run instead of the perplexity eval (e.g. hellaswag,arc_easy,winogrande,mmlu); "
+                                                                "their datasets come from the Hugging Face Hub unless the task is local.")
+    task_dir: str | None = Field(None, description="A folder of lm-eval task YAML files (e.g. a multiple-choice task over a local JSONL file) added to the known tasks.")
+    limit: int | None = Field(None, gt=0, description="At most this many examples per task (a quick look); none runs every example.", json_schema_extra=flag("--task-limit"))
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; none uses each task's default (Minitron reports MMLU 5-shot).")
+    batch_size: int = Field(8, gt=0, description="Requests per forward pass.", json_schema_extra=flag("--task-batch-size"))
+
+
 class ImportanceConfig(Section):
     """How the importance of every prunable unit is measured; computed once per teacher, data and these settings."""
 
@@ -141,6 +152,10 @@ class DistillConfig(TrainingConfig):
     lm_loss_weight: float = Field(0.0, ge=0, description="Weight of the LM cross-entropy on the data.")
     intermediate_loss: Literal["none", "cosine", "mse"] = Field("none", description="Hidden-state loss between mapped teacher and student decoder-layer outputs (needs equal hidden sizes).")
     intermediate_loss_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state loss (averaged over the mapped layers).")
+    teacher_cache: str | None = Field(None, description="Directory of a teacher-logit cache: the teacher's top-k log-probabilities of the train rows, built once "
+                                                        "(resumably) and reused by every student and epoch, so the teacher does not run while training; in a recipe a relative path lies in the run folder; none runs the teacher online.")
+    teacher_cache_top_k: int = Field(64, gt=0, description="Log-probabilities kept per token in the teacher cache (its k most likely tokens; the rest of the mass is kept as one number).")
+    loss_chunk_tokens: int = Field(128, gt=0, description="Tokens per chunk of the logit losses: softmaxes and gradients over the vocabulary exist for this many tokens at a time, not the whole batch.")
 
     @model_validator(mode="after")
     def usable_losses(self):
@@ -148,6 +163,8 @@ class DistillConfig(TrainingConfig):
             raise ValueError("distillation needs a positive logit_loss_weight or an intermediate loss with a positive weight")
         if (self.intermediate_loss == "none") != (self.intermediate_loss_weight == 0):
             raise ValueError("set intermediate_loss (cosine or mse) and a positive intermediate_loss_weight together")
+        if self.teacher_cache is not None and self.intermediate_loss != "none":
+            raise ValueError("the teacher cache holds logits only; the hidden-state loss needs the teacher online (drop teacher_cache or intermediate_loss)")
         return self
 
     def training(self) -> TrainingConfig:
@@ -227,6 +244,7 @@ SECTIONS: dict[str, type[Section]] = {
     "compute": ComputeConfig,
     "data": DataConfig,
     "eval": EvalConfig,
+    "lm_eval": LmEvalConfig,
     "importance": ImportanceConfig,
     "prune": PruneConfig,
     "training": TrainingConfig,

@@ -109,13 +109,29 @@ def plan_training(config: TrainingConfig, train_rows: int, seq_len: int, world_s
     return TrainingPlan(steps, global_batch, micro, per_rank // micro, seq_len)
 
 
-def global_batch_rows(rows: np.ndarray, step: int, global_batch: int, seed: int) -> np.ndarray:
-    """Rows of global batch `step`: each epoch is a fresh permutation seeded by (seed, epoch); the tail that fills no batch is skipped."""
-    steps_per_epoch = len(rows) // global_batch
-    epoch, index = divmod(step, steps_per_epoch)
+def epoch_order(row_count: int, epoch: int, seed: int) -> np.ndarray:
+    """The permutation of the train rows in one epoch, seeded by (seed, epoch)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(rows), generator=generator).numpy()
-    return rows[np.sort(order[index * global_batch : (index + 1) * global_batch])]
+    return torch.randperm(row_count, generator=generator).numpy()
+
+
+def global_batch_indices(row_count: int, step: int, global_batch: int, seed: int) -> np.ndarray:
+    """Indices of the rows of global batch `step`: consecutive slices of each epoch's order; the tail that fills no batch is skipped."""
+    epoch, index = divmod(step, row_count // global_batch)
+    return np.sort(epoch_order(row_count, epoch, seed)[index * global_batch : (index + 1) * global_batch])
+
+
+def global_batch_rows(rows: np.ndarray, step: int, global_batch: int, seed: int) -> np.ndarray:
+    return rows[global_batch_indices(len(rows), step, global_batch, seed)]
+
+
+def rows_of_run(config: TrainingConfig, row_count: int, seq_len: int, world_size: int) -> np.ndarray:
+    """Sorted indices of the train rows a run of `config` reads (what a teacher-logit cache must hold for it): a run
+    shorter than an epoch reads the head of the first epoch's order, a longer one may read every row."""
+    plan = plan_training(config, row_count, seq_len, world_size)
+    if plan.total_steps >= row_count // plan.global_batch_size:
+        return np.arange(row_count)
+    return np.sort(epoch_order(row_count, 0, config.seed)[: plan.total_steps * plan.global_batch_size])
 
 
 # ---------------------------------------------------------------- run directory and checkpoints
