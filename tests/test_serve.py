@@ -305,7 +305,7 @@ def test_a_tensorrt_llm_repository_serves_one_engine_as_ensemble(trtllm_engine_d
     manifest = read_manifest(trtllm_engine_dir)
     (tmp_path / "repo").mkdir()
     with pytest.raises(UserError, match="served as model 'ensemble'.*'student' is not possible"):
-        engine_backend(manifest.backend).write_repository(trtllm_engine_dir, manifest, tmp_path / "repo", "student", 1, 8, None)
+        engine_backend(manifest.backend).write_repository(trtllm_engine_dir, manifest, tmp_path / "repo", "student", ServeConfig())
     assert list((tmp_path / "repo").iterdir()) == []
 
 

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Literal
 
 import numpy as np
 
+from toolchain.cpu_inflight import StepStats
 from toolchain.errors import UserError
 from toolchain.models import resolve_model_dir
 from toolchain.paths import atomic_output_dir
@@ -350,6 +352,7 @@ class CpuEngine:
                     item = None
             if not engine.has_pending_requests():
                 continue
+            started, batch = time.perf_counter(), len(active)
             try:
                 engine.run(events)
             except RuntimeError as exc:  # the Engine is unusable after a failed step: fail its requests, start a new one
@@ -360,6 +363,7 @@ class CpuEngine:
                 engine = og.Engine(self.model)
                 events = engine.create_event_buffer(max(64, 4 * self.max_batch_size))
                 continue
+            sent = 0
             for index in range(len(events)):
                 event = events[index]
                 submission = active.get(id(event.request))
@@ -372,12 +376,15 @@ class CpuEngine:
                         submission.request.cancel_turn(submission.turn_id)
                     else:
                         submission.events.put(int(event.token))
+                        sent += 1
                 if flags & failed_flag:
                     submission.events.put(RuntimeError(f"generation failed ({event.error_code})"))
                 if flags & (finished_flag | failed_flag):
                     submission.events.put(FINISHED)
                     submission.request.close()
                     del active[id(event.request)]
+            if self.on_step:
+                self.on_step(StepStats(batch, 0, sent, time.perf_counter() - started))
 
     def close(self) -> None:
         """Stop the engine thread; requests still running get an error."""

@@ -124,8 +124,7 @@ class InflightScheduler:
             if isinstance(item, tuple):  # ("cancel", submission): its slot and cache are freed now
                 self.cancel(item[1])
             else:
-                seed = item.seed if getattr(item, "seed", None) is not None else None
-                self.waiting.append(Sequence(item, np.random.default_rng(seed), time.monotonic()))
+                self.waiting.append(Sequence(item, np.random.default_rng(item.seed), time.monotonic()))
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:

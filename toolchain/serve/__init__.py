@@ -59,8 +59,7 @@ def serving(engine_dir: Path, settings: ServeConfig = ServeConfig(), ready_timeo
     try:
         for name, directory in models.items():
             backend = engine_backend(manifests[name].backend)
-            backend.write_repository(directory, manifests[name], server.repository, name, settings.instances, settings.max_batch_size,
-                                     settings.threads)
+            backend.write_repository(directory, manifests[name], server.repository, name, settings)
         try:
             server.start(ready_timeout_s)
         except RuntimeError as exc:
@@ -86,7 +85,7 @@ def write_repository_only(engine_dir: Path, repository: Path, settings: ServeCon
     manifest = read_manifest(engine_dir)
     backend = engine_backend(manifest.backend)
     with atomic_output_dir(repository) as tmp:
-        models = backend.write_repository(engine_dir, manifest, tmp, ENSEMBLE, settings.instances, settings.max_batch_size, settings.threads)
+        models = backend.write_repository(engine_dir, manifest, tmp, ENSEMBLE, settings)
     print(f"wrote a Triton model repository for {engine_dir} ({manifest.backend}) to {repository}: models {', '.join(models)}")
     for note in backend.repository_notes(engine_dir, manifest, repository):
         print(note)
