@@ -37,7 +37,6 @@ from typing import Literal
 
 import numpy as np
 
-from toolchain.cpu_inflight import StepStats
 from toolchain.errors import UserError
 from toolchain.models import resolve_model_dir
 from toolchain.paths import atomic_output_dir
@@ -321,6 +320,8 @@ class CpuEngine:
                 submission.events.put(RuntimeError(f"the CPU engine stopped: {exc}"))
 
     def _step_forever(self, engine, active: dict) -> None:
+        from toolchain.cpu_inflight import StepStats
+
         og = self._og
         token_flag, finished_flag, failed_flag = (int(og.EngineEventFlags.TOKEN), int(og.EngineEventFlags.TURN_FINISHED),
                                                   int(og.EngineEventFlags.FAILED))

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from toolchain.cpu_engine import CLOSE, FINISHED, InvalidRequest
+
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +50,7 @@ class Sequence:
     length: int = 0  # tokens in the KV cache
     generated: int = 0
     last_token: int = 0
+    admitted: bool = False  # holds its KV reservation
     done: bool = False
 
     @property
@@ -102,18 +105,19 @@ class InflightScheduler:
     def send(self, sequence: Sequence, event) -> None:
         sequence.submission.events.put(event)
 
-    def finish(self, sequence: Sequence, event) -> None:
-        from toolchain.cpu_engine import FINISHED
+    def all_sequences(self) -> list[Sequence]:
+        return [*self.waiting, *([self.prefilling] if self.prefilling else []), *self.running]
 
+    def finish(self, sequence: Sequence, event=FINISHED) -> None:
+        """End the sequence's stream with `event` (FINISHED or an exception) and release its KV reservation."""
         if not sequence.done:
             sequence.done = True
-            self.reserved -= sequence.reserved_tokens
-            self.send(sequence, event if event is not None else FINISHED)
+            if sequence.admitted:
+                self.reserved -= sequence.reserved_tokens
+            self.send(sequence, event)
 
     def take_inbox(self, block: bool) -> bool:
         """Apply what the inbox holds (waiting for one item when `block`); False when the engine is closed."""
-        from toolchain.cpu_engine import CLOSE
-
         try:
             item = self.inbox.get(block=block)
         except queue.Empty:
@@ -131,9 +135,9 @@ class InflightScheduler:
                 return True
 
     def cancel(self, submission) -> None:
-        for sequence in [*self.waiting, *([self.prefilling] if self.prefilling else []), *self.running]:
+        for sequence in self.all_sequences():
             if sequence.submission is submission:
-                self.finish(sequence, None)
+                self.finish(sequence)
         self.waiting = deque(sequence for sequence in self.waiting if not sequence.done)
         if self.prefilling is not None and self.prefilling.done:
             self.prefilling = None
@@ -146,14 +150,14 @@ class InflightScheduler:
         sequence = self.waiting[0]
         if sequence.reserved_tokens > self.kv_cache_tokens:
             self.waiting.popleft()
-            sequence.done = True
-            self.send(sequence, _invalid(f"prompt ({len(sequence.submission.prompt_ids)} tokens) plus max_tokens "
-                                         f"({sequence.submission.max_new_tokens}) exceed the KV-cache budget of {self.kv_cache_tokens} tokens"))
+            self.finish(sequence, InvalidRequest(f"prompt ({len(sequence.submission.prompt_ids)} tokens) plus max_tokens "
+                                                 f"({sequence.submission.max_new_tokens}) exceed the KV-cache budget of {self.kv_cache_tokens} tokens"))
             return
         if self.reserved + sequence.reserved_tokens > self.kv_cache_tokens:
             return  # waits for running sequences to free their reservation
         self.waiting.popleft()
         self.reserved += sequence.reserved_tokens
+        sequence.admitted = True
         self.prefilling = sequence
         if self.on_admit:
             self.on_admit(time.monotonic() - sequence.submitted_at)
@@ -214,13 +218,13 @@ class InflightScheduler:
         submission = sequence.submission
         token = sample(logits, submission.temperature, submission.top_k, submission.top_p, sequence.rng)
         if token in self.eos_token_ids or token == submission.end_id:
-            self.finish(sequence, None)
+            self.finish(sequence)
             return
         self.send(sequence, token)
         self.sent += 1
         sequence.last_token, sequence.generated = token, sequence.generated + 1
         if sequence.generated >= submission.max_new_tokens:
-            self.finish(sequence, None)
+            self.finish(sequence)
 
     def drop_finished(self) -> None:
         keep = [row for row, sequence in enumerate(self.running) if not sequence.done]
@@ -238,14 +242,12 @@ class InflightScheduler:
         while True:
             idle = self.prefilling is None and not self.running and not self.waiting
             if not self.take_inbox(block=idle):
-                for sequence in [*self.waiting, *([self.prefilling] if self.prefilling else []), *self.running]:
+                for sequence in self.all_sequences():
                     self.finish(sequence, RuntimeError("the CPU engine was closed"))
                 return
             self.admit()
             if self.prefilling is None and not self.running:
-                if self.waiting:  # waits on a KV reservation that no running request holds: cannot happen, but never spin
-                    time.sleep(0.001)
-                continue
+                continue  # nothing admitted: the waiting request was refused (over the budget), or none waits
             started, self.sent = time.perf_counter(), 0
             prefill_tokens = self.prefill_chunk() if self.prefilling is not None else 0
             batch = len(self.running)
@@ -255,7 +257,7 @@ class InflightScheduler:
                 self.on_step(StepStats(batch, prefill_tokens, self.sent, time.perf_counter() - started))
 
     def fail_all(self, exc: Exception) -> None:
-        for sequence in [*self.waiting, *([self.prefilling] if self.prefilling else []), *self.running]:
+        for sequence in self.all_sequences():
             self.finish(sequence, RuntimeError(f"the CPU engine stopped: {exc}"))
 
 
@@ -264,8 +266,3 @@ def pad_length(cache: np.ndarray, width: int) -> np.ndarray:
     missing = width - cache.shape[2]
     return cache if missing <= 0 else np.pad(cache, ((0, 0), (0, 0), (0, missing), (0, 0)))
 
-
-def _invalid(message: str) -> Exception:
-    from toolchain.cpu_engine import InvalidRequest
-
-    return InvalidRequest(message)
