@@ -7,6 +7,7 @@ loads, so their cost is the import), and one report lists every case that misbeh
 
 import hashlib
 import json
+import re
 import shutil
 import socket
 import threading
@@ -176,7 +177,8 @@ def run_case(case: Case) -> str | None:
     """None if the case behaved; otherwise what went wrong."""
     before = {path: tree_digest(Path(path)) for path in case.keep}
     result = run_cli(*case.args, env=case.env, timeout=300)
-    lines = result.stderr.strip().splitlines()
+    # progress log lines (INFO ...) may precede the error; the error itself must be one line
+    lines = [line for line in result.stderr.strip().splitlines() if not re.match(r"(INFO|DEBUG) [\w.]+: ", line)]
     problems = []
     if result.returncode != 2:
         problems.append(f"exit {result.returncode}")

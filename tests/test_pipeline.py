@@ -151,3 +151,28 @@ def test_an_interrupted_teacher_correction_resumes(teacher, corpus_jsonl, tmp_pa
     assert "resuming" in resumed.stderr
     log = [json.loads(line) for line in (tmp_path / "run" / "teacher-corrected" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == list(range(1, 13))  # 1536 tokens / (4 x 32) = 12 steps, none repeated
+
+
+@pytest.mark.slow
+def test_a_search_student_distills_the_shape_its_search_chose(teacher, corpus_jsonl, tmp_path, monkeypatch):
+    search = {"budget": "non_embedding=50%", "hidden_multiple": 16, "ffn_multiple": 32, "max_candidates": 1, "tokens": 256}
+    recipe = write_recipe(tmp_path, teacher, corpus_jsonl, students=[{"name": "found", "search": search}])
+    summary = run_pipeline(load_recipe(recipe))
+    student_dir = tmp_path / "run" / "students" / "found"
+    candidates = json.loads((student_dir / "search" / "candidates.json").read_text())
+    chosen = next(c for c in candidates["candidates"] if c["id"] == candidates["chosen"])
+    assert summary["students"][0]["search"]["chosen"] == chosen["shape"] and chosen["rank"] == 1
+    assert json.loads((student_dir / "distilled" / "config.json").read_text())["hidden_size"] == chosen["shape"]["hidden_size"]
+    assert "Shapes chosen by search:" in (tmp_path / "run" / "summary.md").read_text()
+    assert "importance" not in summary["stages"]["ran"]  # the search scores its own candidates
+    assert ran_after(recipe) == []
+
+
+def test_a_student_with_targets_and_a_search_is_refused(teacher, corpus_jsonl, tmp_path):
+    both = {"name": "both", "prune": {"num_layers": 2}, "search": {"budget": "params=50%"}}
+    with pytest.raises(UserError, match="both prune targets and a search"):
+        load_recipe(write_recipe(tmp_path, teacher, corpus_jsonl, students=[both]))
+    unreachable = {"name": "tiny", "search": {"budget": "params=1k", "hidden_multiple": 16, "ffn_multiple": 32}}
+    with pytest.raises(UserError, match="no candidate meets students.tiny.search.budget params=1k"):
+        run_pipeline(load_recipe(write_recipe(tmp_path, teacher, corpus_jsonl, students=[unreachable])))
+    assert not (tmp_path / "run").exists()

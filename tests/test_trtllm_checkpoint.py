@@ -119,4 +119,4 @@ def test_validate_checkpoint_cli(checkpoint, cli, tmp_path):
     assert "lacks" not in hugging_face.stderr
     (tmp_path / "config.json").write_text("[1, 2]")
     a_list = cli("validate-checkpoint", tmp_path)
-    assert a_list.returncode == 2 and "not a JSON object" in a_list.stderr and "Traceback" not in a_list.stderr
+    assert a_list.returncode == 2 and "not an object of settings" in a_list.stderr and "Traceback" not in a_list.stderr

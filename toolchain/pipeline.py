@@ -167,7 +167,7 @@ def importance_stage(run: Run, teacher: str, teacher_key: str, data_settings: di
     recipe = run.recipe
     original = ModelShape.from_config(load_config(teacher))
     names = []
-    for student in recipe.students:
+    for student in (student for student in recipe.students if student.search is None):  # a search computes its own
         with settings_named_by(recipe_field_namer(recipe, student)):
             shape, explicit_drop = target_shape(original, student.prune)
         names += [name for name in needed_scores(original, shape, student.prune, explicit_drop) if name not in names]
@@ -191,19 +191,33 @@ def student_stages(run: Run, student: StudentConfig, teacher: str, teacher_key: 
     base = f"students/{student.name}"
     compute = recipe.compute.model_dump(mode="json")
 
-    def prune_into(work: Path) -> None:
-        importance_file = run.dir / "importance" / IMPORTANCE_FILE
-        prune(teacher, work, student.prune, recipe.importance, recipe.data, recipe.compute,
-              importance_file=importance_file if importance_key else None)
-
-    pruned_key = run.stage(f"{base}/pruned", {"prune": student.prune.model_dump(mode="json"), "importance": recipe.importance.model_dump(mode="json"),
-                                              "data": data_settings, "compute": compute},
-                           {"teacher": teacher_key, "importance": importance_key or "none"}, prune_into)
-    pruned = run.dir / base / "pruned"
-    row = {"name": student.name, "parameters": parameter_counts(load_config(pruned))["total"],
-           "pruned": evaluation_stage(run, f"{base}/pruned-eval", pruned, pruned_key, teacher, teacher_key, data_settings)}
-    trained, trained_key = pruned, pruned_key
     settings = recipe.student_distill(student)
+    row = {"name": student.name}
+    if student.search is not None:
+        from toolchain.search import search
+
+        pruned_key = run.stage(f"{base}/search", {"search": student.search.model_dump(mode="json"), "importance": recipe.importance.model_dump(mode="json"),
+                                                  "distill": settings.model_dump(mode="json"), "eval": recipe.eval.model_dump(mode="json"),
+                                                  "data": data_settings, "compute": compute},
+                               {"teacher": teacher_key},
+                               lambda work: search(teacher, work, student.search, recipe.importance, settings, recipe.data, recipe.compute, recipe.eval),
+                               resumable=True)
+        pruned = run.dir / base / "search" / "chosen"
+        row["search"] = {"budget": student.search.budget, "chosen": json.loads((pruned / "pruning.json").read_text())["pruned"],
+                         "candidates": str(run.dir / base / "search" / "candidates.md")}
+    else:
+        def prune_into(work: Path) -> None:
+            importance_file = run.dir / "importance" / IMPORTANCE_FILE
+            prune(teacher, work, student.prune, recipe.importance, recipe.data, recipe.compute,
+                  importance_file=importance_file if importance_key else None)
+
+        pruned_key = run.stage(f"{base}/pruned", {"prune": student.prune.model_dump(mode="json"), "importance": recipe.importance.model_dump(mode="json"),
+                                                  "data": data_settings, "compute": compute},
+                               {"teacher": teacher_key, "importance": importance_key or "none"}, prune_into)
+        pruned = run.dir / base / "pruned"
+    row["parameters"] = parameter_counts(load_config(pruned))["total"]
+    row["pruned"] = evaluation_stage(run, f"{base}/pruned-eval", pruned, pruned_key, teacher, teacher_key, data_settings)
+    trained, trained_key = pruned, pruned_key
     if settings.tokens or settings.steps:
         from toolchain.distill import distill
         from toolchain.training import checkpoint_dirs
@@ -336,6 +350,10 @@ def format_summary(summary: dict) -> str:
                 metrics = student[stage]
                 lines.append(f"| {student['name']} ({stage}) | {student['parameters'] / 1e6:.1f}M | {metrics['perplexity']:.2f} | "
                              f"{metrics['kl']:.3f} | {metrics['top1_agreement']:.1%} |")
+    searched = [f"- {s['name']}: best within {s['search']['budget']}: {s['search']['chosen']} (all candidates: `{s['search']['candidates']}`)"
+                for s in summary["students"] if "search" in s]
+    if searched:
+        lines += ["", "Shapes chosen by search:"] + searched
     engines = [f"- {s['name']}: `{s['engine']}`" for s in summary["students"] if "engine" in s]
     if engines:
         lines += ["", "Engines:"] + engines

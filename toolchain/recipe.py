@@ -26,6 +26,7 @@ from toolchain.settings import (
     ImportanceConfig,
     PruneConfig,
     QuantizeConfig,
+    SearchConfig,
     Section,
     ServeConfig,
     TeacherCorrectionConfig,
@@ -41,6 +42,16 @@ class StudentConfig(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Student name; its outputs go to OUTPUT_DIR/students/NAME.")
     prune: PruneConfig = Field(default_factory=PruneConfig, description="Pruned architecture of this student.")
     distill: DistillConfig | None = Field(None, description="Distillation settings for this student; none uses the recipe's `distill`.")
+    search: SearchConfig | None = Field(None, description="Choose this student's shape by a search under a budget (`minitron search`) instead of "
+                                                          "fixed prune targets; the chosen candidate is then distilled like any student.")
+
+    @model_validator(mode="after")
+    def targets_or_search(self):
+        if self.search is not None and self.prune.targets():
+            raise ValueError(f"student {self.name} has both prune targets and a search; keep one (the search chooses the targets)")
+        if self.search is not None and self.search.budget is None:
+            raise ValueError(f"student {self.name}'s search has no budget; set search.budget (e.g. non_embedding=50%)")
+        return self
 
 
 class Recipe(Section):
@@ -90,6 +101,9 @@ class Recipe(Section):
         """The recipe's settings of section `key` (settings.SECTIONS), for `student` where they are per student."""
         if key == "prune":
             return (student or self.student(None)).prune
+        if key == "search":  # a recipe without a search student lends its other sections to `minitron search`
+            student = student or (self.students[0] if len(self.students) == 1 else None)
+            return student.search if student is not None and student.search is not None else SearchConfig()
         if key == "distill":
             return self.student_distill(student) if student is not None else self.distill
         if key == "training":
@@ -104,8 +118,8 @@ def recipe_field_namer(recipe: Recipe, student: StudentConfig | None = None, cor
     def name(path: str) -> str:
         section, _, field = path.partition(".")
         own_distill = student is not None and student.distill is not None
-        if section == "prune" and student is not None:
-            return f"students.{student.name}.prune.{field}"
+        if section in ("prune", "search") and student is not None:
+            return f"students.{student.name}.{section}.{field}"
         if section == "training" and correcting_teacher and field in TeacherCorrectionConfig.model_fields:
             return f"teacher.correction.{field}"
         if section in ("training", "distill"):
@@ -206,7 +220,13 @@ def describe_plan(recipe: Recipe) -> str:
     for student in recipe.students:
         distill = recipe.student_distill(student)
         budget = f"{distill.tokens:,} tokens" if distill.tokens else (f"{distill.steps:,} steps" if distill.steps else "no budget: distillation skipped")
-        stages.append(f"student {student.name}: prune to {student.prune.targets() or 'the teacher shape'}, distill for {budget}")
+        if student.search is not None:
+            search = student.search
+            stages.append(f"student {student.name}: search for the best shape within {search.budget}"
+                          f"{f' on {search.profile}' if search.profile else ''} ({search.max_candidates}+2 candidates, {search.tokens:,} tokens each), "
+                          f"distill the chosen one for {budget}")
+        else:
+            stages.append(f"student {student.name}: prune to {student.prune.targets() or 'the teacher shape'}, distill for {budget}")
     export = recipe.export
     stages.append(f"quantize: {recipe.quantize.format}; export: {export.format}"
                   + (f" ({export.resolved_dtype()}, tp={export.tp}, pp={export.pp})" if export.format != "none" else ""))
@@ -240,6 +260,12 @@ def check_recipe_inputs(recipe: Recipe) -> None:
     original = ModelShape.from_config(config)
     for student in recipe.students:
         with settings_named_by(recipe_field_namer(recipe, student)):
+            if student.search is not None:
+                from toolchain.search import choose_candidates
+                from toolchain.search_space import Architecture
+
+                choose_candidates(original, Architecture.from_config(config), student.search)
+                continue
             shape, _ = target_shape(original, student.prune)
             pruned_config(config, shape, list(range(shape.num_layers)))
     if recipe.engine.profile:
