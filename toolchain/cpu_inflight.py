@@ -249,10 +249,17 @@ class InflightScheduler:
             if self.prefilling is None and not self.running:
                 continue  # nothing admitted: the waiting request was refused (over the budget), or none waits
             started, self.sent = time.perf_counter(), 0
-            prefill_tokens = self.prefill_chunk() if self.prefilling is not None else 0
-            batch = len(self.running)
-            if self.running:
-                self.decode_step()
+            try:
+                prefill_tokens = self.prefill_chunk() if self.prefilling is not None else 0
+                batch = len(self.running)
+                if self.running:
+                    self.decode_step()
+            except Exception as exc:  # a failed step fails the requests in it, not the engine
+                log.exception("in-flight engine step failed")
+                for sequence in [*([self.prefilling] if self.prefilling else []), *self.running]:
+                    self.finish(sequence, RuntimeError(f"engine step failed: {exc}"))
+                self.prefilling, self.running, self.cache = None, [], None
+                continue
             if self.on_step:
                 self.on_step(StepStats(batch, prefill_tokens, self.sent, time.perf_counter() - started))
 
