@@ -267,6 +267,7 @@ def free_port() -> int:
     (["--grpc-port", "70000"], "invalid --grpc-port: Input should be less than or equal to 65535"),
     (["--http-port", "0"], "invalid --http-port: Input should be greater than or equal to 1"),
     (["--instances", "0"], "invalid --instances: Input should be greater than 0"),
+    (["--max-batch-size", "0"], "invalid --max-batch-size: Input should be greater than 0"),  # a batch that holds no request
     (["--host", "999.1.1.1"], "cannot bind --host 999.1.1.1"),
     (["--host", "192.0.2.1"], "cannot bind --host 192.0.2.1"),  # a valid address, but not this machine's
 ])
