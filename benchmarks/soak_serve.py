@@ -1,6 +1,6 @@
 """Soak test of `minitron serve` on a CPU engine: N concurrent streaming gRPC clients for a fixed time.
 
-    python benchmarks/soak_serve.py [--duration-s 600] [--clients 32] [--student DIR] [--profile cpu-fp32]
+    python benchmarks/soak_serve.py [--duration-s 600] [--clients 32] [--student DIR] [--profile cpu-fp32] [--batching inflight]
 
 The student defaults to smollm2-135m depth-pruned to 15 layers (`minitron prune ... --num-layers 15
 --calibration-samples 64`), built with `minitron build --profile cpu-fp32`, both cached under
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_results  # noqa: E402
 
-from toolchain.bench import percentile  # noqa: E402
+from toolchain.bench.metrics import percentile  # noqa: E402
 from toolchain.generate import generate_text  # noqa: E402
 from toolchain.paths import cache_dir  # noqa: E402
 
@@ -57,16 +57,19 @@ def main() -> None:
     parser.add_argument("--student", type=Path, help="a pruned student HF directory (default: prune smollm2-135m to 15 layers)")
     parser.add_argument("--profile", default="cpu-fp32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batching", choices=["inflight", "static"], default="inflight")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="serve's max batch (capped by the engine's; its profile's is built in)")
     args = parser.parse_args()
 
     student = args.student or WORK / "smollm2-135m-15layers"
     if not (student / "config.json").is_file():
         minitron("prune", "--model", "smollm2-135m", "--out", str(student), "--num-layers", "15", "--calibration-samples", "64")
-    engine_dir = WORK / f"engine-{student.name}-{args.profile}"
+    engine_dir = WORK / f"engine-{student.name}-{args.profile}-b32"
     if not (engine_dir / "manifest.json").is_file():
-        minitron("build", "--profile", args.profile, "--model", str(student), "--out", str(engine_dir))
+        minitron("build", "--profile", args.profile, "--max-batch-size", "32", "--model", str(student), "--out", str(engine_dir))
 
-    server = subprocess.Popen([sys.executable, "-m", "toolchain", "serve", "--engine", str(engine_dir), "--threads", str(args.threads)],
+    server = subprocess.Popen([sys.executable, "-m", "toolchain", "serve", "--engine", str(engine_dir), "--threads", str(args.threads),
+                               "--batching", args.batching, "--max-batch-size", str(args.max_batch_size)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     banner = ""
     while not banner.splitlines()[-1:] or not banner.splitlines()[-1].startswith("ready"):
@@ -125,7 +128,9 @@ def main() -> None:
     ok = [r for r in records if r["error"] is None]
     errors = [r["error"] for r in records if r["error"] is not None]
     output_tokens = sum(r["tokens"] for r in ok)
-    payload = {"student": str(student), "profile": args.profile, "engine_threads": args.threads, "clients": args.clients,
+    command = "flock /work/cpu.lock python benchmarks/soak_serve.py " + " ".join(sys.argv[1:])
+    payload = {"command": command.strip(), "student": str(student), "profile": args.profile, "engine_threads": args.threads,
+               "batching": args.batching, "max_batch_size": args.max_batch_size, "clients": args.clients,
                "duration_s": args.duration_s, "max_tokens": args.max_tokens, "requests": len(records), "answered": len(ok),
                "errors": len(errors), "error_examples": sorted(set(errors))[:5], "stream_pieces_per_s": output_tokens / args.duration_s,
                "latency_p50_s": percentile([r["latency_s"] for r in ok], 50), "latency_p99_s": percentile([r["latency_s"] for r in ok], 99),
@@ -133,7 +138,9 @@ def main() -> None:
                "rss_first_loaded_mb": rss_samples[0][1], "rss_growth_under_load_pct": 100 * (rss_end - rss_samples[0][1]) / rss_samples[0][1],
                "rss_samples": rss_samples, "windows": windows, "server_exit_code": server.returncode, "machine": machine()}
     lines = [f"# Soak: {args.clients} streaming gRPC clients for {args.duration_s / 60:.1f} min against `minitron serve`", "",
-             f"Engine: {student.name} built with profile {args.profile}, {args.threads} engine thread(s), {args.max_tokens} new tokens "
+             f"Command: `{payload['command']}`", "",
+             f"Engine: {student.name} built with profile {args.profile} (max batch 32), served with {args.batching} batching, max batch "
+             f"{args.max_batch_size}, {args.threads} engine thread(s), {args.max_tokens} new tokens "
              f"per request, greedy. Machine: {os.cpu_count()} cores shared with other jobs.", "",
              f"- requests answered: **{len(ok)}** of {len(records)}; errors: **{len(errors)}**",
              f"- streamed pieces/s (about tokens/s): {payload['stream_pieces_per_s']:.1f}; latency p50 {payload['latency_p50_s']:.2f} s, "

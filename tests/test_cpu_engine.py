@@ -1,4 +1,7 @@
-"""The CPU engine (onnxruntime-genai) on a tiny random Llama: built once per module, compared with transformers."""
+"""The CPU engine (onnxruntime-genai) on a tiny random Llama: built once per module, compared with transformers.
+
+The engine tests run on both batching modes: in-flight (our scheduler on onnxruntime) and static (onnxruntime-genai's Engine).
+"""
 
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +30,9 @@ def fp32_engine_dir(tiny_checkpoint, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def engine(fp32_engine_dir):
-    with CpuEngine(fp32_engine_dir, threads=1, max_batch_size=4) as engine:
+@pytest.fixture(scope="module", params=["inflight", "static"])
+def engine(fp32_engine_dir, request):
+    with CpuEngine(fp32_engine_dir, threads=1, max_batch_size=4, batching=request.param) as engine:
         yield engine
 
 
@@ -91,6 +94,28 @@ def test_seeded_sampling_repeats_and_closing_early_frees_the_engine(engine):
     next(stream)
     stream.close()  # cancels the request
     assert len(list(engine.generate(PROMPTS[1], max_new_tokens=3))) == 3
+
+
+def test_inflight_prefill_in_chunks_and_joins_give_the_static_tokens(fp32_engine_dir):
+    """Prompts fed two tokens per step beside the others' decode, requests of different lengths joining and leaving."""
+    with CpuEngine(fp32_engine_dir, threads=1, max_batch_size=1) as static:
+        expected = [list(static.generate(prompt, max_new_tokens=4 + 7 * i)) for i, prompt in enumerate(PROMPTS)]
+    steps = []
+    with CpuEngine(fp32_engine_dir, threads=1, max_batch_size=3, batching="inflight", max_num_tokens=2, on_step=steps.append) as engine:
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            together = list(pool.map(lambda i: list(engine.generate(PROMPTS[i], max_new_tokens=4 + 7 * i)), range(len(PROMPTS))))
+    assert together == expected
+    assert sum(step.new_tokens for step in steps) == sum(map(len, expected))
+    assert max(step.batch_size for step in steps) <= 3 and max(step.prefill_tokens for step in steps) <= 2
+
+
+def test_inflight_kv_budget_refuses_what_it_cannot_hold(fp32_engine_dir):
+    with pytest.raises(UserError, match="kv_cache_tokens 100 cannot hold one request of max_input_len 200"):
+        CpuEngine(fp32_engine_dir, threads=1, batching="inflight", max_input_len=200, kv_cache_tokens=100)
+    with CpuEngine(fp32_engine_dir, threads=1, batching="inflight", max_input_len=16, kv_cache_tokens=40) as engine:
+        with pytest.raises(InvalidRequest, match="exceed the KV-cache budget of 40 tokens"):
+            list(engine.generate(PROMPTS[0], max_new_tokens=50))
+        assert len(list(engine.generate(PROMPTS[0], max_new_tokens=8))) == 8
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1,8 +1,11 @@
 """`minitron serve` / `minitron generate` against a real Triton server (nvidia-pytriton's) on a tiny CPU engine.
 
-One server per session, started by `serving` (the lifecycle `minitron serve` and `minitron bench`
-use) on free 127.0.0.1 ports; one more started through the CLI exactly as a user would, stopped with
-SIGTERM and checked for leftovers. Repository writing and the refusals need no server.
+One server per batching mode (in-flight, static) for the session, started by `serving` (the
+lifecycle `minitron serve` and `minitron bench` use) on free 127.0.0.1 ports; every test on `server`
+runs against both. One more in-flight server serves the engine under two model names with a small
+batch and KV budget (joining mid-batch, cancelling, the budget, metrics); one more is started
+through the CLI exactly as a user would, stopped with SIGTERM and checked for leftovers.
+Repository writing and the refusals need no server.
 """
 
 import os
@@ -13,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -76,12 +80,55 @@ class ServeProcess:
         return rest
 
 
-@pytest.fixture(scope="session")
-def server(cpu_engine_dir):
-    """The endpoints of a Triton server on the engine for the whole session."""
+@pytest.fixture(scope="session", params=["inflight", "static"])
+def server(cpu_engine_dir, request):
+    """The endpoints of a Triton server on the engine, batching in flight or statically, for the whole session."""
     from toolchain.serve import serving
 
-    with serving(cpu_engine_dir, ServeConfig(threads=1)) as running:
+    with serving(cpu_engine_dir, ServeConfig(threads=1, batching=request.param)) as running:
+        yield running.endpoints
+
+
+KV_CACHE_TOKENS = 100
+
+
+@pytest.fixture(scope="session")
+def slow_engine_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A wider engine (~30M parameters) whose decode steps take milliseconds, slower than Triton relays tokens."""
+    from toolchain.cpu_engine import build_cpu_engine
+
+    root = tmp_path_factory.mktemp("serve-slow")
+    checkpoint = save_tiny_model(root / "checkpoint", tokenizer_dir, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                                 num_attention_heads=8, num_key_value_heads=4)
+    engine_dir = root / "engine"
+    build_cpu_engine(checkpoint, engine_dir / "model", "fp32")
+    shutil.copytree(tokenizer_dir, engine_dir / "tokenizer")
+    write_engine_manifest(engine_dir, "cpu-fp32", "onnxruntime-genai", "model", max_batch_size=8, max_input_len=MAX_INPUT_LEN, max_seq_len=128)
+    return engine_dir
+
+
+@pytest.fixture(scope="session")
+def slow_engine(slow_engine_dir):
+    """The slow engine run in this process (its own static path)."""
+    from toolchain.cpu_engine import CpuEngine
+
+    with CpuEngine(slow_engine_dir / "model", threads=1, tokenizer_dir=slow_engine_dir / "tokenizer", max_input_len=MAX_INPUT_LEN,
+                   max_seq_len=128) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def slow_greedy(slow_engine):
+    return lambda prompt, max_tokens: slow_engine.decode(list(slow_engine.generate(prompt, max_new_tokens=max_tokens)))
+
+
+@pytest.fixture(scope="session")
+def two_model_server(cpu_engine_dir, slow_engine_dir):
+    """An in-flight server with the slow engine as model `ensemble` and the tiny one as `second`, two requests per batch, a KV budget of 100 tokens."""
+    from toolchain.serve import serving
+
+    settings = ServeConfig(threads=1, batching="inflight", max_batch_size=2, kv_cache_tokens=KV_CACHE_TOKENS)
+    with serving({"ensemble": slow_engine_dir, "second": cpu_engine_dir}, settings) as running:
         yield running.endpoints
 
 
@@ -140,6 +187,15 @@ def test_eight_concurrent_requests_are_all_answered_correctly(server, in_process
 
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         assert list(pool.map(ask, range(len(PROMPTS)))) == expected
+
+
+def test_eight_concurrent_streams_of_different_lengths_equal_each_sent_alone(server, in_process_greedy):
+    lengths = [3, 30, 12, 40, 7, 21, 16, 9]
+    stream = lambda i: "".join(generate_text(server.grpc, PROMPTS[i], lengths[i], stream=True))  # noqa: E731
+    alone = [stream(i) for i in range(len(PROMPTS))]
+    assert alone == [in_process_greedy(prompt, length) for prompt, length in zip(PROMPTS, lengths)]  # the engine's own greedy
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        assert list(pool.map(stream, range(len(PROMPTS)))) == alone
 
 
 def test_seeded_sampling_through_triton_repeats(server):
@@ -211,6 +267,7 @@ def free_port() -> int:
     (["--grpc-port", "70000"], "invalid --grpc-port: Input should be less than or equal to 65535"),
     (["--http-port", "0"], "invalid --http-port: Input should be greater than or equal to 1"),
     (["--instances", "0"], "invalid --instances: Input should be greater than 0"),
+    (["--max-batch-size", "0"], "invalid --max-batch-size: Input should be greater than 0"),  # a batch that holds no request
     (["--host", "999.1.1.1"], "cannot bind --host 999.1.1.1"),
     (["--host", "192.0.2.1"], "cannot bind --host 192.0.2.1"),  # a valid address, but not this machine's
 ])
@@ -245,6 +302,7 @@ def test_repo_only_writes_the_cpu_repository(cpu_engine_dir, tmp_path):
     assert parameters["model_dir"] == str((cpu_engine_dir / "model").resolve())
     assert parameters["tokenizer_dir"] == str((cpu_engine_dir / "tokenizer").resolve())
     assert (parameters["max_input_len"], parameters["max_seq_len"], parameters["engine_max_batch_size"]) == (str(MAX_INPUT_LEN), "128", "4")
+    assert (parameters["batching"], parameters["max_num_tokens"], parameters["kv_cache_tokens"]) == ("inflight", str(MAX_INPUT_LEN), str(4 * 128))
     assert "TritonPythonModel" in (tmp_path / "repo" / "ensemble" / "1" / "model.py").read_text()
 
 
@@ -305,13 +363,95 @@ def test_a_tensorrt_llm_repository_serves_one_engine_as_ensemble(trtllm_engine_d
     manifest = read_manifest(trtllm_engine_dir)
     (tmp_path / "repo").mkdir()
     with pytest.raises(UserError, match="served as model 'ensemble'.*'student' is not possible"):
-        engine_backend(manifest.backend).write_repository(trtllm_engine_dir, manifest, tmp_path / "repo", "student", 1, 8, None)
+        engine_backend(manifest.backend).write_repository(trtllm_engine_dir, manifest, tmp_path / "repo", "student", ServeConfig())
     assert list((tmp_path / "repo").iterdir()) == []
 
 
 def test_serve_refuses_to_start_a_tensorrt_llm_engine_here(trtllm_engine_dir):
     result = run_cli("serve", "--engine", trtllm_engine_dir)
     assert result.returncode == 2 and "--repo-only" in result.stderr and result.stderr.count("\n") == 1
+
+
+def output_tokens(metrics_url: str, model: str = "ensemble") -> float:
+    """The engine's output-token counter of `model` on the metrics page."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        page = response.read().decode()
+    return float(re.search(rf'^minitron_output_tokens{{model="{model}"}} (\S+)$', page, re.MULTILINE).group(1))
+
+
+def test_a_request_arriving_mid_batch_gets_its_first_token_before_the_batch_finishes(two_model_server, slow_engine):
+    long_tokens, short_prompt = 80, PROMPTS[5]
+    assert len(list(slow_engine.generate(PROMPTS[4], max_new_tokens=long_tokens))) == long_tokens  # no early EOS: it runs long
+    events, started = [], threading.Event()
+
+    def long_request():
+        for piece in generate_text(two_model_server.grpc, PROMPTS[4], long_tokens, stream=True):
+            started.set()
+        events.append("long finished")
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    assert started.wait(60)
+    short = generate_text(two_model_server.grpc, short_prompt, 4, stream=True)
+    next(short)
+    events.append("short first token")
+    rest = list(short)
+    thread.join(60)
+    assert events == ["short first token", "long finished"]
+    assert "".join(rest)
+
+
+def test_cancelling_a_stream_frees_its_slot(two_model_server, slow_greedy):
+    """A (95 tokens) is cancelled after its first; B cannot start until A's KV reservation is freed (their sum is over the budget).
+
+    Without the cancellation A would run to its end: 95 + 40 tokens.
+    """
+    before = output_tokens(two_model_server.metrics)
+    cancelled = generate_text(two_model_server.grpc, PROMPTS[4], 95, stream=True)
+    next(cancelled)
+    cancelled.close()  # stops the gRPC stream, cancelling the request
+    assert "".join(generate_text(two_model_server.grpc, PROMPTS[5], 40, stream=True)) == slow_greedy(PROMPTS[5], 40)
+    generated = output_tokens(two_model_server.metrics) - before
+    assert 40 < generated < 95 + 40, f"{generated} tokens: the cancelled request ran to its end"
+
+
+def test_a_request_over_the_kv_budget_gets_an_error_and_the_others_are_served(two_model_server, slow_greedy):
+    with pytest.raises(GenerationError, match=f"exceed the KV-cache budget of {KV_CACHE_TOKENS} tokens"):
+        list(generate_text(two_model_server.grpc, PROMPTS[0], 100))
+    assert "".join(generate_text(two_model_server.grpc, PROMPTS[0], 10)) == slow_greedy(PROMPTS[0], 10)
+
+
+def test_two_models_answer_as_their_engines_and_report_their_metrics(two_model_server, slow_greedy, in_process_greedy):
+    import urllib.request
+
+    for model, greedy in (("ensemble", slow_greedy), ("second", in_process_greedy)):
+        assert "".join(generate_text(two_model_server.http, PROMPTS[6], 12, stream=True, protocol="http", model=model)) == greedy(PROMPTS[6], 12)
+    with urllib.request.urlopen(two_model_server.metrics, timeout=10) as response:
+        page = response.read().decode()
+    for model in ("ensemble", "second"):
+        assert re.search(rf'^minitron_queue_seconds_count{{model="{model}"}} [1-9]', page, re.MULTILINE), page
+        assert re.search(rf'^minitron_batch_size_bucket{{le="1",model="{model}"}} [1-9]', page, re.MULTILINE) or \
+            re.search(rf'^minitron_batch_size_bucket{{model="{model}",le="1"}} [1-9]', page, re.MULTILINE), page
+        assert f'minitron_output_tokens_per_second{{model="{model}"}}' in page
+        assert output_tokens(two_model_server.metrics, model) >= 12
+
+
+def test_kv_budget_that_cannot_hold_one_request_is_refused(cpu_engine_dir, tmp_path):
+    result = run_cli("serve", "--engine", cpu_engine_dir, "--repo-only", tmp_path / "repo", "--kv-cache-tokens", "20")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"--kv-cache-tokens 20 cannot hold one request of the engine's max_input_len {MAX_INPUT_LEN}" in result.stderr
+
+
+def test_repo_only_writes_several_named_engines_and_refuses_unnamed_ones(cpu_engine_dir, tmp_path):
+    result = run_cli("serve", "--engine", f"teacher={cpu_engine_dir}", "--engine", f"width={cpu_engine_dir}", "--repo-only", tmp_path / "repo",
+                     "--batching", "static")
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in (tmp_path / "repo").iterdir()) == ["teacher", "width"]
+    assert 'key: "batching"\n  value: { string_value: "static" }' in (tmp_path / "repo" / "width" / "config.pbtxt").read_text()
+    refused = run_cli("serve", "--engine", cpu_engine_dir, "--engine", cpu_engine_dir)
+    assert refused.returncode == 2 and "--engine NAME=DIR" in refused.stderr and refused.stderr.count("\n") == 1
 
 
 def test_serve_in_the_foreground_answers_and_stops_on_sigterm_leaving_nothing(cpu_engine_dir, in_process_greedy):

@@ -2,13 +2,16 @@
 
 `build_cpu_engine` runs onnxruntime-genai's model builder (ONNX graph with a KV cache, fp32 or
 int4 round-to-nearest weights) and turns its known failures into one-line errors. `CpuEngine` loads
-the result and streams tokens from onnxruntime-genai's `Engine`, which batches concurrent requests.
+the result and streams tokens of concurrent requests batched one of two ways (`batching`):
 
-What the batching is on CPU: onnxruntime-genai 0.18's in-flight ("dynamic") batching needs
-PagedAttention, which exists only for CUDA/WebGPU. On CPU its Engine uses *static* batching: up to
-`max_batch_size` waiting requests start together, decode in one batch (prompts of different lengths
-are padded) and finish one by one; requests that arrive meanwhile wait for that batch to drain. Per-request
-seeds are not supported there either, so a seeded sampling request runs alone on its own generator.
+- "inflight" (toolchain/cpu_inflight.py): our scheduler runs the builder's graph with onnxruntime and
+  keeps the KV cache itself; a request joins the running batch at the next step and leaves it the
+  step it finishes or is cancelled.
+- "static": onnxruntime-genai 0.18's `Engine`. Its in-flight ("dynamic") batching needs
+  PagedAttention, which exists only for CUDA/WebGPU, so on CPU it batches statically: up to
+  `max_batch_size` waiting requests start together, decode in one batch and finish one by one;
+  requests that arrive meanwhile wait for that batch to drain. Per-request seeds are not supported
+  there, so a seeded sampling request runs alone on its own generator.
 
 It reads onnxruntime-genai folders, not engine directories: the onnxruntime-genai backend
 (toolchain/backends/onnxruntime_genai.py) passes the folder, tokenizer and limits named by a manifest.
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +112,7 @@ class Submission:
     top_k: int
     top_p: float
     end_id: int | None
+    seed: int | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
     request: object = None
     turn_id: int | None = None
@@ -115,20 +120,29 @@ class Submission:
 
 
 FINISHED, CLOSE = object(), object()
+BATCHING = ("inflight", "static")
 
 
 class CpuEngine:
     """An onnxruntime-genai model served by one engine thread that batches every concurrent `generate`."""
 
     def __init__(self, model_dir: Path | str, threads: int | None = None, max_batch_size: int = 8, tokenizer_dir: Path | str | None = None,
-                 max_input_len: int | None = None, max_seq_len: int | None = None):
+                 max_input_len: int | None = None, max_seq_len: int | None = None, batching: str = "static",
+                 max_num_tokens: int | None = None, kv_cache_tokens: int | None = None, on_admit=None, on_step=None):
         """`model_dir`: an onnxruntime-genai folder; `tokenizer_dir`: its Hugging Face tokenizer (default: `model_dir`,
         where the builder copies it); `max_input_len`/`max_seq_len`: the engine directory's limits (its manifest's),
-        capped by the model's context length."""
+        capped by the model's context length. In-flight only: `max_num_tokens` prompt + decode tokens per step
+        (default max_input_len: a prompt in one chunk), `kv_cache_tokens` the KV cache budget over all running
+        requests (default max_batch_size * max_seq_len); `on_admit(queue_seconds)` and `on_step(StepStats)` observe it."""
         import onnxruntime_genai as og
 
         self._og = og
         from transformers import AutoTokenizer
+
+        if batching not in BATCHING:
+            raise UserError(f"batching {batching!r} is not one of {', '.join(BATCHING)}")
+        if max_batch_size < 1:
+            raise UserError(f"max_batch_size {max_batch_size} cannot hold one request; use at least 1")
 
         self.model_dir = Path(model_dir)
         if not (self.model_dir / GENAI_CONFIG).is_file():
@@ -142,17 +156,51 @@ class CpuEngine:
                                    vocab_size=int(genai["vocab_size"]), eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]))
         self.threads = threads
         self.max_batch_size = max_batch_size
-        overlay = {"engine": {"static_batching": {"max_batch_size": max_batch_size}}, "search": {"max_length": max_seq_len}}
-        if threads:
-            overlay["model"] = {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}
-        config = og.Config(str(self.model_dir))
-        config.overlay(json.dumps(overlay))
-        self.model = og.Model(config)
+        self.batching = batching
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or self.model_dir, trust_remote_code=False)
         self._inbox: queue.Queue = queue.Queue()
         self._closed = False
-        self._thread = threading.Thread(target=self._run_engine, name="cpu-engine", daemon=True)
+        if batching == "inflight":
+            self.scheduler = self._inflight_scheduler(genai, max_num_tokens, kv_cache_tokens, on_admit, on_step)
+            target = self._run_inflight
+        else:
+            overlay = {"engine": {"static_batching": {"max_batch_size": max_batch_size}}, "search": {"max_length": max_seq_len}}
+            if threads:
+                overlay["model"] = {"decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}}
+            config = og.Config(str(self.model_dir))
+            config.overlay(json.dumps(overlay))
+            self.model = og.Model(config)
+            self.on_step = on_step
+            target = self._run_engine
+        self._thread = threading.Thread(target=target, name="cpu-engine", daemon=True)
         self._thread.start()
+
+    def _inflight_scheduler(self, genai: dict, max_num_tokens: int | None, kv_cache_tokens: int | None, on_admit, on_step):
+        """The in-flight scheduler on an onnxruntime session of the builder's graph; budgets that cannot hold one request are refused."""
+        import onnxruntime as ort
+
+        from toolchain.cpu_inflight import InflightScheduler
+
+        limits = self.limits
+        kv_cache_tokens = kv_cache_tokens or self.max_batch_size * limits.max_seq_len
+        if kv_cache_tokens < limits.max_input_len + 1:
+            raise UserError(f"kv_cache_tokens {kv_cache_tokens} cannot hold one request of max_input_len {limits.max_input_len} "
+                            f"plus one new token; use at least {limits.max_input_len + 1}")
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
+        decoder = genai["decoder"]
+        session = ort.InferenceSession(str(self.model_dir / decoder["filename"]), options, providers=["CPUExecutionProvider"])
+        return InflightScheduler(session, self.max_batch_size, max_num_tokens or limits.max_input_len, kv_cache_tokens,
+                                 int(decoder["head_size"]), limits.eos_token_ids, self._inbox, on_admit, on_step)
+
+    def _run_inflight(self) -> None:
+        try:
+            self.scheduler.run()
+        except Exception as exc:  # a dead engine thread must not leave callers waiting forever
+            log.exception("the CPU engine thread stopped")
+            self._closed = True
+            self.scheduler.fail_all(exc)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
@@ -208,9 +256,9 @@ class CpuEngine:
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else [int(token) for token in prompt]
         self.check_request(prompt_ids, max_new_tokens, temperature, top_k, top_p)
         ids = np.asarray(prompt_ids, dtype=np.int32)
-        if seed is not None and temperature > 0:
+        if seed is not None and temperature > 0 and self.batching == "static":
             return self._generate_seeded(ids, max_new_tokens, temperature, top_k, top_p, end_id, seed)
-        submission = Submission(ids, max_new_tokens, temperature, top_k, top_p, end_id)
+        submission = Submission(ids, max_new_tokens, temperature, top_k, top_p, end_id, seed)
         self._inbox.put(submission)
         return self._stream(submission)
 
@@ -272,6 +320,8 @@ class CpuEngine:
                 submission.events.put(RuntimeError(f"the CPU engine stopped: {exc}"))
 
     def _step_forever(self, engine, active: dict) -> None:
+        from toolchain.cpu_inflight import StepStats
+
         og = self._og
         token_flag, finished_flag, failed_flag = (int(og.EngineEventFlags.TOKEN), int(og.EngineEventFlags.TURN_FINISHED),
                                                   int(og.EngineEventFlags.FAILED))
@@ -303,6 +353,7 @@ class CpuEngine:
                     item = None
             if not engine.has_pending_requests():
                 continue
+            started, batch = time.perf_counter(), len(active)
             try:
                 engine.run(events)
             except RuntimeError as exc:  # the Engine is unusable after a failed step: fail its requests, start a new one
@@ -313,6 +364,7 @@ class CpuEngine:
                 engine = og.Engine(self.model)
                 events = engine.create_event_buffer(max(64, 4 * self.max_batch_size))
                 continue
+            sent = 0
             for index in range(len(events)):
                 event = events[index]
                 submission = active.get(id(event.request))
@@ -325,12 +377,15 @@ class CpuEngine:
                         submission.request.cancel_turn(submission.turn_id)
                     else:
                         submission.events.put(int(event.token))
+                        sent += 1
                 if flags & failed_flag:
                     submission.events.put(RuntimeError(f"generation failed ({event.error_code})"))
                 if flags & (finished_flag | failed_flag):
                     submission.events.put(FINISHED)
                     submission.request.close()
                     del active[id(event.request)]
+            if self.on_step:
+                self.on_step(StepStats(batch, 0, sent, time.perf_counter() - started))
 
     def close(self) -> None:
         """Stop the engine thread; requests still running get an error."""

@@ -79,7 +79,7 @@ class EngineProfile(Strict):
     max_batch_size: int = Field(8, gt=0, description="Most sequences the engine runs at once.")
     max_input_len: int = Field(..., gt=0, description="Longest prompt, in tokens.")
     max_seq_len: int = Field(..., gt=0, description="Longest prompt + generated tokens of one sequence.")
-    max_num_tokens: int | None = Field(None, gt=0, description="Most tokens (all sequences) in one engine step; TensorRT-LLM only.")
+    max_num_tokens: int | None = Field(None, gt=0, description="Most tokens (all sequences) in one engine step: TensorRT-LLM, and the in-flight CPU engine (serve.max_num_tokens overrides it there).")
     kv_cache: KVCacheSettings = Field(default_factory=KVCacheSettings, description="KV cache settings (TensorRT-LLM).")
     plugins: PluginSettings = Field(default_factory=PluginSettings, description="TensorRT-LLM plugin settings.")
     cpu_threads: int | None = Field(None, gt=0, description="Intra-op threads of the CPU engine; None lets onnxruntime choose.")

@@ -202,6 +202,16 @@ class ServeConfig(Section):
     instances: int = Field(1, gt=0, description="Model instances; each CPU instance loads its own engine.")
     max_batch_size: int = Field(8, gt=0, description="Largest batch Triton forms (capped by the engine's max_batch_size).")
     threads: int | None = Field(None, gt=0, description="CPU engine threads per instance; none uses the profile's cpu_threads, else cores / instances.")
+    batching: Literal["inflight", "static"] = Field(
+        "inflight", description="How a CPU engine batches concurrent requests: inflight (a request joins the running batch at the next step "
+                                "and leaves it when it finishes or is cancelled) or static (onnxruntime-genai's Engine: a batch runs until "
+                                "all its requests finish; later ones wait). TensorRT-LLM engines always batch in flight.")
+    max_num_tokens: int | None = Field(None, gt=0, description="In-flight CPU engine: tokens per step, the decoding requests plus a chunk of one "
+                                                                "new prompt (longer prompts are prefilled in chunks beside the others' decode); "
+                                                                "none: the profile's max_num_tokens, else its max_input_len.")
+    kv_cache_tokens: int | None = Field(None, gt=0, description="In-flight CPU engine: KV-cache budget in tokens over all running requests (each "
+                                                                 "reserves prompt + max_tokens when it starts, later ones wait); none: max batch "
+                                                                 "x max_seq_len. It must hold one request of max_input_len.")
 
 
 class BenchConfig(Section):

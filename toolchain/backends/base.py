@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     from toolchain.engine_profile import EngineProfile
     from toolchain.manifest import EngineManifest
-    from toolchain.settings import DataConfig
+    from toolchain.settings import DataConfig, ServeConfig
 
 
 @dataclass
@@ -57,9 +57,11 @@ class EngineBackend(ABC):
         """Why the Triton server the toolchain starts cannot serve this backend's engines on this machine; None when it can."""
 
     @abstractmethod
-    def write_repository(self, engine_dir: Path, manifest: EngineManifest, repository: Path, model_name: str, instances: int,
-                         max_batch_size: int, threads: int | None) -> list[str]:
-        """Add the Triton models that serve this engine as `model_name` to `repository`; returns the models written."""
+    def write_repository(self, engine_dir: Path, manifest: EngineManifest, repository: Path, model_name: str,
+                         settings: ServeConfig) -> list[str]:
+        """Add the Triton models that serve this engine as `model_name` to `repository`, sized by `settings`; returns the models written.
+
+        Settings the engine cannot honour (a budget that cannot hold one request) are a UserError here, before Triton starts."""
 
     def repository_notes(self, engine_dir: Path, manifest: EngineManifest, repository: Path) -> list[str]:
         """What a user who wrote the repository with `serve --repo-only` must do next."""

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from toolchain.backends.base import BuildOutcome, EngineBackend
-from toolchain.errors import UserError
+from toolchain.errors import UserError, setting
 from toolchain.manifest import ENGINE_DIR
 
 if TYPE_CHECKING:
     from toolchain.engine_profile import EngineProfile
     from toolchain.manifest import EngineManifest
-    from toolchain.settings import DataConfig
+    from toolchain.settings import DataConfig, ServeConfig
 
 CPU_TARGET = "cpu"
 QUANTIZATIONS = ("none", "int4_rtn")
@@ -78,21 +78,34 @@ class OnnxRuntimeGenAI(EngineBackend):
             return "onnxruntime-genai is not installed; install it with `pip install 'minitron-toolchain[cpu-engine]'`"
         return None
 
-    def write_repository(self, engine_dir: Path, manifest: EngineManifest, repository: Path, model_name: str, instances: int,
-                         max_batch_size: int, threads: int | None) -> list[str]:
-        """One decoupled python model that runs the CpuEngine, `threads` intra-op threads per instance."""
+    def write_repository(self, engine_dir: Path, manifest: EngineManifest, repository: Path, model_name: str,
+                         settings: ServeConfig) -> list[str]:
+        """One decoupled python model that runs the CpuEngine, batching as `settings.batching` says, `threads` intra-op threads per instance.
+
+        The engine's batch is the profile's max_batch_size, lowered by serve's; in-flight budgets come from serve,
+        else the profile (max_num_tokens), else the engine's limits.
+        """
         from toolchain.serve.repository import ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, copy_model_code, model_config
 
         engine_dir = Path(engine_dir).resolve()
+        batch = min(settings.max_batch_size, manifest.max_batch_size)
+        kv_cache_tokens = settings.kv_cache_tokens or batch * manifest.max_seq_len
+        if settings.batching == "inflight" and kv_cache_tokens < manifest.max_input_len + 1:
+            raise UserError(f"{setting('serve.kv_cache_tokens')} {kv_cache_tokens} cannot hold one request of the engine's "
+                            f"max_input_len {manifest.max_input_len} plus one new token; use at least {manifest.max_input_len + 1}")
         parameters = {
             "model_dir": engine_dir / manifest.model_dir,
             "tokenizer_dir": engine_dir / manifest.tokenizer_dir,
             "max_input_len": manifest.max_input_len,
             "max_seq_len": manifest.max_seq_len,
-            "threads": threads or manifest.profile.get("cpu_threads") or max(1, (os.cpu_count() or 1) // instances),
-            "engine_max_batch_size": min(max_batch_size, manifest.max_batch_size),
+            "threads": settings.threads or manifest.profile.get("cpu_threads") or max(1, (os.cpu_count() or 1) // settings.instances),
+            "engine_max_batch_size": batch,
+            "batching": settings.batching,
+            "max_num_tokens": settings.max_num_tokens or manifest.profile.get("max_num_tokens") or manifest.max_input_len,
+            "kv_cache_tokens": kv_cache_tokens,
         }
         copy_model_code("cpu_model.py", repository / model_name / "1")
-        (repository / model_name / "config.pbtxt").write_text(model_config(model_name, "python", max_batch_size, ENSEMBLE_INPUTS,
-                                                                           ENSEMBLE_OUTPUTS, parameters, instances=instances, decoupled=True))
+        (repository / model_name / "config.pbtxt").write_text(model_config(model_name, "python", settings.max_batch_size, ENSEMBLE_INPUTS,
+                                                                           ENSEMBLE_OUTPUTS, parameters, instances=settings.instances,
+                                                                           decoupled=True))
         return [model_name]

@@ -36,7 +36,7 @@ from toolchain.manifest import ENGINE_DIR
 if TYPE_CHECKING:
     from toolchain.engine_profile import EngineProfile
     from toolchain.manifest import EngineManifest
-    from toolchain.settings import DataConfig
+    from toolchain.settings import DataConfig, ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,8 @@ class TensorRTLLM(EngineBackend):
         return ("TensorRT-LLM engines run on a GPU in the tensorrtllm backend of NVIDIA's Triton container, "
                 "and the Triton server bundled with nvidia-pytriton has no such backend")
 
-    def write_repository(self, engine_dir: Path, manifest: EngineManifest, repository: Path, model_name: str, instances: int,
-                         max_batch_size: int, threads: int | None) -> list[str]:
+    def write_repository(self, engine_dir: Path, manifest: EngineManifest, repository: Path, model_name: str,
+                         settings: ServeConfig) -> list[str]:
         """preprocessing -> tensorrt_llm -> postprocessing, and the ensemble that chains them (tensorrtllm backend layout)."""
         from toolchain.engine_profile import EngineProfile
         from toolchain.serve.repository import ENSEMBLE, ENSEMBLE_INPUTS, ENSEMBLE_OUTPUTS, TensorSpec, copy_model_code, model_config
@@ -265,7 +265,7 @@ class TensorRTLLM(EngineBackend):
                             f"postprocessing models, one engine per repository; {model_name!r} is not possible")
         profile = EngineProfile.model_validate(manifest.profile)
         engine_dir = Path(engine_dir).resolve()
-        batch = min(max_batch_size, manifest.max_batch_size)
+        batch, instances = min(settings.max_batch_size, manifest.max_batch_size), settings.instances
         tokenizer = {"tokenizer_dir": engine_dir / manifest.tokenizer_dir, "max_input_len": manifest.max_input_len,
                      "max_seq_len": manifest.max_seq_len}
         int_scalar = lambda name: TensorSpec(name, "TYPE_INT32")  # noqa: E731

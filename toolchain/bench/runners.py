@@ -186,9 +186,12 @@ class CpuEngineRunner(Runner):
 
         engine_dir = Path(target.source)
         manifest = read_manifest(engine_dir)
+        serve = settings.serve
         with CpuEngine(engine_dir / manifest.model_dir, threads=settings.threads, max_batch_size=prepared.max_batch,
                        tokenizer_dir=engine_dir / manifest.tokenizer_dir, max_input_len=manifest.max_input_len,
-                       max_seq_len=manifest.max_seq_len) as engine:
+                       max_seq_len=manifest.max_seq_len, batching=serve.batching,
+                       max_num_tokens=serve.max_num_tokens or manifest.profile.get("max_num_tokens"),
+                       kv_cache_tokens=serve.kv_cache_tokens) as engine:
             def send(request) -> Iterator[int]:
                 try:
                     for _ in engine.generate(list(request.prompt_ids), max_new_tokens=request.max_new_tokens):

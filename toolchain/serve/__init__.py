@@ -7,11 +7,13 @@ SIGTERM/SIGINT; `minitron bench` and the tests use it directly. Engines whose ba
 run here (TensorRT-LLM: a GPU and NVIDIA's container) get their repository with `--repo-only`.
 Every backend exposes the same `ensemble` model interface (text_input, max_tokens, stream,
 temperature/top_k/top_p, end_id, seed -> text_output), so `minitron generate` and the benchmarks talk
-to any of them. Layout: repository.py (shared pieces of what Triton loads), server.py (the process),
+to any of them. One server can serve several CPU engines, each under its own model name
+(`--engine teacher=DIR --engine width=DIR`), for A/B comparisons. Layout: repository.py (shared pieces of what Triton loads), server.py (the process),
 cpu_model.py and trtllm_*.py (model code Triton runs).
 """
 
 import contextlib
+import re
 import shutil
 import signal
 import sys
@@ -39,14 +41,43 @@ class RunningServer:
     server: TritonServer
 
 
-@contextlib.contextmanager
-def serving(engine_dir: Path, settings: ServeConfig = ServeConfig(), ready_timeout_s: float = 300) -> Iterator[RunningServer]:
-    """A Triton server serving the engine as model `ensemble` for the duration of the block, bound and sized as `settings` say.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+
+def engine_models(engines: Path | str | dict[str, Path]) -> dict[str, Path]:
+    """Model name -> engine directory; one engine without a name is model `ensemble`."""
+    if not isinstance(engines, dict):
+        return {ENSEMBLE: Path(engines)}
+    for name in engines:
+        if not MODEL_NAME.match(name):
+            raise UserError(f"model name {name!r} is not one Triton accepts; use letters, digits, '_', '-' and '.'")
+    return {name: Path(directory) for name, directory in engines.items()}
+
+
+def parse_engines(values: list[str]) -> dict[str, Path]:
+    """`--engine DIR` (model `ensemble`) or several `--engine NAME=DIR`, each under its own model name."""
+    if len(values) == 1 and "=" not in values[0]:
+        return {ENSEMBLE: Path(values[0])}
+    engines = {}
+    for value in values:
+        name, equals, directory = value.partition("=")
+        if not equals or not name or not directory:
+            raise UserError(f"--engine {value}: to serve several engines name each one, --engine NAME=DIR (e.g. --engine teacher=engines/teacher)")
+        if name in engines:
+            raise UserError(f"--engine names model {name!r} twice; give each engine its own name")
+        engines[name] = Path(directory)
+    return engine_models(engines)
+
+
+@contextlib.contextmanager
+def serving(engines: Path | str | dict[str, Path], settings: ServeConfig = ServeConfig(), ready_timeout_s: float = 300) -> Iterator[RunningServer]:
+    """A Triton server serving the engines for the duration of the block, bound and sized as `settings` say.
+
+    `engines`: one engine directory (served as model `ensemble`) or model name -> engine directory.
     Free ports for those not given; on leaving the block (also on an error or Ctrl-C) the server is
     stopped and its workspace removed; a stop that leaves a process or shm segment is a UserError.
     """
-    models = {ENSEMBLE: Path(engine_dir)}  # one engine for now; the repository could hold several under their own names
+    models = engine_models(engines)
     manifests = {name: read_manifest(directory) for name, directory in models.items()}
     for name, directory in models.items():
         reason = engine_backend(manifests[name].backend).unavailable_reason()
@@ -59,8 +90,7 @@ def serving(engine_dir: Path, settings: ServeConfig = ServeConfig(), ready_timeo
     try:
         for name, directory in models.items():
             backend = engine_backend(manifests[name].backend)
-            backend.write_repository(directory, manifests[name], server.repository, name, settings.instances, settings.max_batch_size,
-                                     settings.threads)
+            backend.write_repository(directory, manifests[name], server.repository, name, settings)
         try:
             server.start(ready_timeout_s)
         except RuntimeError as exc:
@@ -78,39 +108,40 @@ def warn_if_exposed(host: str) -> None:
         print(f"warning: binding {host} exposes the server beyond this machine; it has no authentication", file=sys.stderr)
 
 
-def write_repository_only(engine_dir: Path, repository: Path, settings: ServeConfig) -> Path:
-    """The engine's repository in `repository` (new or empty), to start Triton on elsewhere."""
+def write_repository_only(engines: Path | dict[str, Path], repository: Path, settings: ServeConfig) -> Path:
+    """The engines' repository in `repository` (new or empty), to start Triton on elsewhere."""
     check_output_location(repository, "--repo-only", overwrite=True)  # emptiness: checked below, in serve's own words
     if repository.is_dir() and any(repository.iterdir()):
         raise UserError(f"--repo-only {repository} is not empty; name a new or empty directory (serve never overwrites one)")
-    manifest = read_manifest(engine_dir)
-    backend = engine_backend(manifest.backend)
+    models = engine_models(engines)
+    manifests = {name: read_manifest(directory) for name, directory in models.items()}
     with atomic_output_dir(repository) as tmp:
-        models = backend.write_repository(engine_dir, manifest, tmp, ENSEMBLE, settings.instances, settings.max_batch_size, settings.threads)
-    print(f"wrote a Triton model repository for {engine_dir} ({manifest.backend}) to {repository}: models {', '.join(models)}")
-    for note in backend.repository_notes(engine_dir, manifest, repository):
-        print(note)
+        for name, directory in models.items():
+            written = engine_backend(manifests[name].backend).write_repository(directory, manifests[name], tmp, name, settings)
+            print(f"wrote a Triton model repository for {directory} ({manifests[name].backend}) to {repository}: models {', '.join(written)}")
+    for name, directory in models.items():
+        for note in engine_backend(manifests[name].backend).repository_notes(directory, manifests[name], repository):
+            print(note)
     return repository
 
 
-def serve(engine_dir: Path, settings: ServeConfig, repo_only: Path | None = None, ready_timeout_s: float = 300) -> Path | None:
-    """Serve the engine until SIGTERM/SIGINT; with `repo_only`, only write its Triton model repository there.
+def serve(engines: Path | dict[str, Path], settings: ServeConfig, repo_only: Path | None = None, ready_timeout_s: float = 300) -> Path | None:
+    """Serve the engines until SIGTERM/SIGINT; with `repo_only`, only write their Triton model repository there.
 
     Returns the repository path for `repo_only`, else None once the server has stopped and left nothing behind.
     """
-    engine_dir = Path(engine_dir)
     if repo_only is not None:
-        return write_repository_only(engine_dir, Path(repo_only), settings)
+        return write_repository_only(engines, Path(repo_only), settings)
     stop_requested = threading.Event()
     previous = {}
     try:
-        with serving(engine_dir, settings, ready_timeout_s) as running:
+        with serving(engines, settings, ready_timeout_s) as running:
             endpoints, process = running.endpoints, running.server.process
             warn_if_exposed(settings.host)
             for name, directory in running.models.items():
                 manifest = read_manifest(directory)
-                print(f"serving {directory} ({manifest.backend}, profile {manifest.profile_name}) as model '{name}'")
-            print(f"  HTTP     http://{endpoints.http}  (POST /v2/models/{ENSEMBLE}/generate, /generate_stream)")
+                print(f"serving {directory} ({manifest.backend}, profile {manifest.profile_name}, {settings.batching} batching) as model '{name}'")
+            print(f"  HTTP     http://{endpoints.http}  (POST /v2/models/{'|'.join(running.models)}/generate, /generate_stream)")
             print(f"  gRPC     {endpoints.grpc}")
             print(f"  metrics  {endpoints.metrics}")
             # From here until the server has stopped, a signal asks for a clean stop instead of interrupting it.
@@ -131,7 +162,9 @@ def serve(engine_dir: Path, settings: ServeConfig, repo_only: Path | None = None
 def configure_parser(parser) -> None:
     from toolchain.cli_args import add_recipe_source, add_section_flags
 
-    parser.add_argument("--engine", required=True, type=Path, help="engine directory written by `minitron build` (holds manifest.json)")
+    parser.add_argument("--engine", required=True, action="append", metavar="[NAME=]DIR",
+                        help="engine directory written by `minitron build` (holds manifest.json), served as model 'ensemble'; "
+                             "repeat as NAME=DIR to serve several engines, each as model NAME")
     parser.add_argument("--repo-only", type=Path, metavar="DIR", help="write the Triton model repository to DIR and exit (TensorRT-LLM engines: for NVIDIA's container)")
     add_recipe_source(parser)
     add_section_flags(parser, "serve")
@@ -141,5 +174,5 @@ def command(args) -> int:
     from toolchain.cli_args import sections_from_args
 
     (settings,) = sections_from_args(args, "serve")
-    serve(args.engine, settings, repo_only=args.repo_only)
+    serve(parse_engines(args.engine), settings, repo_only=args.repo_only)
     return 0

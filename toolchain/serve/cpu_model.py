@@ -5,11 +5,17 @@ stub, never in the toolchain's own process. Inputs text_input, max_tokens and op
 temperature, top_k, top_p, end_id, seed; output text_output. The model is decoupled: with
 stream=true every new token goes out as its own response, otherwise one response carries the whole
 text. `execute` only checks and queues requests; one thread per request relays tokens from the
-CpuEngine, whose engine thread batches all requests of this instance together.
+CpuEngine, whose engine thread batches all requests of this instance together (in flight or
+statically, as the `batching` parameter says). A cancelled request (the client closed its stream)
+leaves the batch at the next token. Custom metrics, labelled with the model name: queue time
+(in-flight: submission to the start of its prefill), batch size per engine step, output tokens
+(a counter) and output tokens/s over the last few seconds.
 """
 
 import json
 import threading
+import time
+from collections import deque
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -38,12 +44,51 @@ def error_response(message: str):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
 
 
+class EngineMetrics:
+    """Triton custom metrics fed by the engine thread's callbacks."""
+
+    WINDOW_S = 5.0
+
+    def __init__(self, model_name: str):
+        labels = {"model": model_name}
+        family = pb_utils.MetricFamily
+        self.families = [
+            family("minitron_queue_seconds", "Seconds a request waited before the engine started its prompt (in-flight batching)", family.HISTOGRAM),
+            family("minitron_batch_size", "Requests decoded together in one engine step", family.HISTOGRAM),
+            family("minitron_output_tokens", "Tokens sent to clients", family.COUNTER),
+            family("minitron_output_tokens_per_second", f"Output tokens per second over the last {self.WINDOW_S:.0f} s", family.GAUGE),
+        ]
+        self.queue_seconds = self.families[0].Metric(labels=labels, buckets=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
+        self.batch_size = self.families[1].Metric(labels=labels, buckets=[1, 2, 4, 8, 16, 32, 64])
+        self.output_tokens = self.families[2].Metric(labels=labels)
+        self.tokens_per_second = self.families[3].Metric(labels=labels)
+        self.recent: deque = deque()  # (time, tokens) of recent steps
+
+    def admitted(self, queue_seconds: float) -> None:
+        self.queue_seconds.observe(queue_seconds)
+
+    def stepped(self, stats) -> None:
+        now = time.monotonic()
+        if stats.batch_size:
+            self.batch_size.observe(stats.batch_size)
+        if stats.new_tokens:
+            self.output_tokens.increment(stats.new_tokens)
+        self.recent.append((now, stats.new_tokens))
+        while self.recent and self.recent[0][0] < now - self.WINDOW_S:
+            self.recent.popleft()
+        self.tokens_per_second.set(sum(tokens for _, tokens in self.recent) / self.WINDOW_S)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         parameters = {key: value["string_value"] for key, value in json.loads(args["model_config"])["parameters"].items()}
+        self.metrics = EngineMetrics(args["model_name"])
         self.engine = CpuEngine(parameters["model_dir"], threads=int(parameters["threads"]) or None,
                                 max_batch_size=int(parameters["engine_max_batch_size"]), tokenizer_dir=parameters["tokenizer_dir"],
-                                max_input_len=int(parameters["max_input_len"]), max_seq_len=int(parameters["max_seq_len"]))
+                                max_input_len=int(parameters["max_input_len"]), max_seq_len=int(parameters["max_seq_len"]),
+                                batching=parameters["batching"], max_num_tokens=int(parameters["max_num_tokens"]),
+                                kv_cache_tokens=int(parameters["kv_cache_tokens"]), on_admit=self.metrics.admitted,
+                                on_step=self.metrics.stepped)
 
     def parse(self, request) -> dict:
         prompt = scalar(request, "text_input", None)
@@ -72,17 +117,22 @@ class TritonPythonModel:
 
     def respond(self, tokens, stream: bool, sender) -> None:
         try:
-            if stream:
-                for piece in self.engine.stream_text(tokens):
-                    if sender.is_cancelled():
-                        tokens.close()  # frees the engine slot
-                        break
+            pieces = []
+            for piece in self.engine.stream_text(tokens):
+                if sender.is_cancelled():
+                    tokens.close()  # frees the engine slot
+                    break
+                if stream:
                     sender.send(text_response(piece))
+                else:
+                    pieces.append(piece)
             else:
-                sender.send(text_response(self.engine.decode(list(tokens))))
+                if not stream:
+                    sender.send(text_response("".join(pieces)))
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as exc:  # an engine failure ends this request with an error, never the server
             sender.send(error_response(f"generation failed: {exc}"), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):
         self.engine.close()
+        del self.metrics  # its metrics before their families (Triton's rule)
