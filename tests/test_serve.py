@@ -107,19 +107,26 @@ def slow_engine_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return engine_dir
 
 
-@pytest.fixture(scope="session")
-def slow_engine(slow_engine_dir):
-    """The slow engine run in this process (its own static path)."""
+def in_process_engine(engine_dir):
+    """An engine directory's engine run in this process (its own static path): the reference for what Triton returns."""
     from toolchain.cpu_engine import CpuEngine
 
-    with CpuEngine(slow_engine_dir / "model", threads=1, tokenizer_dir=slow_engine_dir / "tokenizer", max_input_len=MAX_INPUT_LEN,
-                   max_seq_len=128) as engine:
+    return CpuEngine(engine_dir / "model", threads=1, tokenizer_dir=engine_dir / "tokenizer", max_input_len=MAX_INPUT_LEN, max_seq_len=128)
+
+
+def greedy_of(engine):
+    return lambda prompt, max_tokens: engine.decode(list(engine.generate(prompt, max_new_tokens=max_tokens)))
+
+
+@pytest.fixture(scope="session")
+def slow_engine(slow_engine_dir):
+    with in_process_engine(slow_engine_dir) as engine:
         yield engine
 
 
 @pytest.fixture(scope="session")
 def slow_greedy(slow_engine):
-    return lambda prompt, max_tokens: slow_engine.decode(list(slow_engine.generate(prompt, max_new_tokens=max_tokens)))
+    return greedy_of(slow_engine)
 
 
 @pytest.fixture(scope="session")
@@ -134,17 +141,13 @@ def two_model_server(cpu_engine_dir, slow_engine_dir):
 
 @pytest.fixture(scope="session")
 def local_engine(cpu_engine_dir):
-    """The same engine run in this process: the reference for what Triton returns."""
-    from toolchain.cpu_engine import CpuEngine
-
-    with CpuEngine(cpu_engine_dir / "model", threads=1, tokenizer_dir=cpu_engine_dir / "tokenizer", max_input_len=MAX_INPUT_LEN,
-                   max_seq_len=128) as engine:
+    with in_process_engine(cpu_engine_dir) as engine:
         yield engine
 
 
 @pytest.fixture(scope="session")
 def in_process_greedy(local_engine):
-    return lambda prompt, max_tokens: local_engine.decode(list(local_engine.generate(prompt, max_new_tokens=max_tokens)))
+    return greedy_of(local_engine)
 
 
 def test_health_and_metadata(server):
