@@ -13,7 +13,7 @@ from conftest import save_tiny_model
 from toolchain.cpu_engine import CpuEngine, InvalidRequest, build_cpu_engine
 from toolchain.errors import UserError
 
-pytest.importorskip("onnxruntime_genai")
+pytest.importorskip("onnxruntime_genai", reason="needs the cpu-engine extra: pip install -e '.[cpu-engine]'")
 
 PROMPTS = [[1, 40, 41, 42], [1, 100, 7], [1, 5, 6, 7, 8, 9, 10], [1, 300]]
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("lm_eval")
+pytest.importorskip("lm_eval", reason="needs the lm-eval extra: pip install -e '.[lm-eval]'")
 
 CHOICES = ["a", "b", "c", "d"]
 

@@ -29,8 +29,8 @@ from toolchain.errors import UserError
 from toolchain.generate import GenerationError, generate_text
 from toolchain.settings import ServeConfig
 
-pytest.importorskip("pytriton")
-pytest.importorskip("onnxruntime_genai")
+pytest.importorskip("pytriton", reason="needs the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("onnxruntime_genai", reason="needs the cpu-engine extra: pip install -e '.[cpu-engine]'")
 
 MAX_INPUT_LEN = 48
 PROMPTS = ["Document 3. the model reads", "the server packs ten tokens", "a student distills the logits number",

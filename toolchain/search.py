@@ -22,6 +22,7 @@ ones; a different search in the same folder is refused):
 Not here: the long distillation of the chosen student (`minitron distill`, or a recipe's distill stage).
 """
 
+import functools
 import json
 import logging
 import shutil
@@ -130,8 +131,10 @@ def choose_candidates(original: ModelShape, architecture: Architecture, settings
 
 
 def run_candidate(teacher: str, candidate: dict, directory: Path, settings: SearchConfig, importance: ImportanceConfig, importance_file: Path,
-                  distill_settings: DistillConfig, data: DataConfig, compute: ComputeConfig, evaluation: EvalConfig, eval_rows) -> dict:
-    """Prune, distil briefly and measure one candidate; its result.json is written last, so a finished candidate is skipped."""
+                  distill_settings: DistillConfig, data: DataConfig, compute: ComputeConfig, evaluation: EvalConfig, eval_rows,
+                  teacher_model: Callable) -> dict:
+    """Prune, distil briefly and measure one candidate; its result.json is written last, so a finished candidate is skipped.
+    `teacher_model()` gives the frozen teacher of the eval, loaded once for all candidates."""
     from toolchain.distill import distill
     from toolchain.evaluate import evaluate_model
     from toolchain.prune import prune
@@ -148,7 +151,7 @@ def run_candidate(teacher: str, candidate: dict, directory: Path, settings: Sear
     distill(teacher, str(pruned), distilled, distill_settings, data, compute, EvalConfig(max_batches=0), resume=bool(checkpoint_dirs(distilled)),
             resume_hint="rerun the same search to continue")
     student = load_model(distilled, dtype=compute.dtype, device=compute.device)
-    metrics = evaluate_model(student, eval_rows, evaluation, teacher=load_frozen_model(teacher, dtype=compute.dtype, device=compute.device),
+    metrics = evaluate_model(student, eval_rows, evaluation, teacher=teacher_model(),
                              description=f"eval {candidate['id']}")
     result = {**candidate, "kl": metrics["kl"], "perplexity": metrics["perplexity"], "top1_agreement": metrics["top1_agreement"],
               "eval_tokens": metrics["tokens"]}
@@ -255,8 +258,9 @@ def search(model: str, out: Path, settings: SearchConfig, importance: Importance
         names += [name for name in needed_scores(original, shape, prune_settings(shape, settings.depth_method), None) if name not in names]
     compute_importance(model, importance_file, names, importance, data, compute, reuse=importance_file if importance_file.is_file() else None)
     eval_rows = prepare_data(data, load_tokenizer(model_dir)).split(evaluation.split)
+    teacher_model = functools.cache(lambda: load_frozen_model(model, dtype=compute.dtype, device=compute.device))
     results = [run_candidate(model, candidate, out / "candidates" / candidate["id"], settings, importance, importance_file, distill_settings,
-                             data, compute, evaluation, eval_rows) for candidate in candidates]
+                             data, compute, evaluation, eval_rows, teacher_model) for candidate in candidates]
     candidate_speeds(results, original, architecture, model, out, settings, data, compute)
     for result in results:
         result["meets_budget"] = meets_budget(result, settings, space["limit"])
