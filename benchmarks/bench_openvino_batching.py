@@ -247,7 +247,8 @@ def check_install(main_python: Path) -> dict:
     checks = {}
     with tempfile.TemporaryDirectory(prefix="openvino-pip-check-") as scratch:
         subprocess.run([sys.executable, "-m", "venv", scratch], check=True)
-        for name, packages in (("openvino-genai", ["openvino-genai"]), ("optimum-intel[openvino]", ["optimum-intel[openvino]"])):
+        for name, packages in (("openvino-genai", ["openvino-genai"]), ("optimum-intel[openvino]", ["optimum-intel[openvino]"]),
+                               ("optimum-intel[openvino]==2.2.0", ["optimum-intel[openvino]==2.2.0"])):
             command = [f"{scratch}/bin/pip", "install", "--dry-run", "--quiet", "--report", "-", *packages, *pins]
             result = subprocess.run(command, capture_output=True, text=True)
             would = []
