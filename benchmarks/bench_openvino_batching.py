@@ -272,6 +272,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--check-install", action="store_true", help="also dry-run pip installs of OpenVINO beside the toolchain's pins")
+    parser.add_argument("--markdown-only", action="store_true", help="only rewrite the .md from the results' .json (no measuring)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -281,7 +282,13 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import machine, write_results
+    from common import RESULTS_DIR, machine, write_results
+
+    if args.markdown_only:
+        payload = json.loads((RESULTS_DIR / "openvino_batching.json").read_text())
+        write_results("openvino_batching", payload, format_markdown(payload))
+        print(format_markdown(payload))
+        return
 
     from toolchain.bench.workloads import draw_requests, load_workload
     from toolchain.models import read_tokenizer
@@ -313,14 +320,14 @@ def main() -> None:
         ratios[name], agree[name] = {}, {}
         for index, streams in enumerate(args.streams):
             mine, theirs = ours["load_points"][index], engines[name]["load_points"][index]
-            ratios[name][streams] = {"output_tokens_per_s": theirs["output_tokens_per_s"] / mine["output_tokens_per_s"],
+            ratios[name][str(streams)] = {"output_tokens_per_s": theirs["output_tokens_per_s"] / mine["output_tokens_per_s"],
                                      "ttft_p50": theirs["ttft_ms"]["p50"] / mine["ttft_ms"]["p50"],
                                      "ttft_p99": theirs["ttft_ms"]["p99"] / mine["ttft_ms"]["p99"],
                                      "e2e_p50": theirs["e2e_ms"]["p50"] / mine["e2e_ms"]["p50"],
                                      "e2e_p99": theirs["e2e_ms"]["p99"] / mine["e2e_ms"]["p99"],
                                      "rss_peak": theirs["rss_peak_mb"] / mine["rss_peak_mb"],
                                      "rss_peak_over_imports": theirs["rss_peak_over_imports_mb"] / mine["rss_peak_over_imports_mb"]}
-            agree[name][streams] = agreement(mine["greedy_ids"], theirs["greedy_ids"])
+            agree[name][str(streams)] = agreement(mine["greedy_ids"], theirs["greedy_ids"])
     scaling = {name: result["load_points"][args.streams.index(16)]["output_tokens_per_s"] / result["load_points"][args.streams.index(1)]["output_tokens_per_s"]
                for name, result in engines.items()} if {1, 16} <= set(args.streams) else {}
     command = "flock /work/cpu.lock python benchmarks/bench_openvino_batching.py " + " ".join(sys.argv[1:])
@@ -381,7 +388,21 @@ def format_markdown(payload: dict) -> str:
         for name, check in payload["install_check"].items():
             outcome = f"resolves ({', '.join(check['openvino_packages'])})" if check["resolves"] else f"does not resolve: {' / '.join(check['error'])}"
             lines.append(f"- `{check['command']}`: {outcome}")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *choice(payload)])
+
+
+def choice(payload: dict) -> list[str]:
+    """The choice by the numbers: which engine is faster at the loaded stream counts, at the same numerics (fp32 weights and KV cache)."""
+    name = "openvino-fp32" if "openvino-fp32" in payload["ratios_over_inflight"] else next(iter(payload["ratios_over_inflight"]))
+    loaded = [count for count in payload["streams"] if count >= 4]
+    ratios = {count: payload["ratios_over_inflight"][name][str(count)] for count in loaded}
+    faster = all(r["output_tokens_per_s"] > 1 and r["e2e_p50"] < 1 and r["ttft_p99"] < 1 for r in ratios.values())
+    slower = all(r["output_tokens_per_s"] < 1 and r["e2e_p50"] > 1 and r["ttft_p99"] > 1 for r in ratios.values())
+    verdict = ("OpenVINO GenAI's ContinuousBatchingPipeline is faster under concurrent load" if faster
+               else "our in-flight scheduler is faster under concurrent load" if slower else "neither engine is faster on every measure")
+    per_count = "; ".join(f"{count} streams: output tok/s {r['output_tokens_per_s']:.2f}x, p99 TTFT {r['ttft_p99']:.2f}x, p50 e2e {r['e2e_p50']:.2f}x"
+                          for count, r in ratios.items())
+    return ["## Choice", "", f"By the numbers ({name} over ours, same weights precision and KV-cache precision): {verdict} ({per_count})."]
 
 
 if __name__ == "__main__":
