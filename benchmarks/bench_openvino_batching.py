@@ -402,7 +402,18 @@ def choice(payload: dict) -> list[str]:
                else "our in-flight scheduler is faster under concurrent load" if slower else "neither engine is faster on every measure")
     per_count = "; ".join(f"{count} streams: output tok/s {r['output_tokens_per_s']:.2f}x, p99 TTFT {r['ttft_p99']:.2f}x, p50 e2e {r['e2e_p50']:.2f}x"
                           for count, r in ratios.items())
-    return ["## Choice", "", f"By the numbers ({name} over ours, same weights precision and KV-cache precision): {verdict} ({per_count})."]
+    lines = ["## Choice", "", f"By the numbers ({name} over ours, same weights precision and KV-cache precision): {verdict} ({per_count})."]
+    checks = payload.get("install_check")
+    if checks:
+        runtime, exporter, fallback = checks["openvino-genai"], checks["optimum-intel[openvino]==2.2.0"], checks["optimum-intel[openvino]"]
+        lines += ["", "Cost of switching: the runtime, openvino-genai, "
+                  + ("resolves beside the toolchain environment's transformers, huggingface-hub, tokenizers, numpy and torch, "
+                     "so serving needs no pin" if runtime["resolves"] else "does not resolve beside the toolchain environment's versions")
+                  + "; the exporter, optimum-intel 2.2.0, " + ("resolves there too" if exporter["resolves"] else "does not (its transformers < 5.6 pin)")
+                  + ", and left unpinned pip falls back to " + (", ".join(p for p in fallback["openvino_packages"] if p.startswith("optimum-intel")) or "nothing")
+                  + ". An OpenVINO engine family would export in a venv of its own at `minitron build` time (as this benchmark does) "
+                  "unless that fallback exports with the toolchain's transformers; see docs/serve.md."]
+    return lines
 
 
 if __name__ == "__main__":
