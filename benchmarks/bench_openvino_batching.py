@@ -362,8 +362,9 @@ def format_markdown(payload: dict) -> str:
               f"prompt prefilled per step beside the decoding rows), KV budget {ours_config['kv_cache_tokens']} tokens; OpenVINO (its "
               f"SchedulerConfig defaults but max_num_seqs) at most {scheduler['max_num_seqs']} sequences, max_num_batched_tokens "
               f"{scheduler['max_num_batched_tokens']}, dynamic_split_fuse {scheduler['dynamic_split_fuse']}, cache_size {scheduler['cache_size']} "
-              "(KV cache grown on demand). Export seconds (optimum-cli, once; blank when cached): "
-              + ", ".join(f"{fmt} {'' if sec is None else f'{sec:.0f}'}" for fmt, sec in payload["export_seconds"].items()) + ".", ""]
+              "(KV cache grown on demand). optimum-cli export: "
+              + ", ".join(f"{fmt} {'cached from an earlier run' if sec is None else f'{sec:.0f} s'}" for fmt, sec in payload["export_seconds"].items())
+              + ".", ""]
     lines += ["Variants: " + "; ".join(f"`{name}`: {fmt} weights, CPU properties {props or 'default (u8 KV cache)'}"
                                        for name, (fmt, props) in payload["variants"].items()) + ".", "",
               "| engine | streams | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | output tok/s | errors | peak RSS MB | of it over imports MB |",
