@@ -234,10 +234,11 @@ def run_engine(python: Path, spec: dict, work: Path) -> dict:
 
 
 def agreement(ours: list, theirs: list) -> dict:
-    """How many requests' greedy ids are identical, and where the others first differ."""
+    """How many requests' greedy ids are identical, where the others first differ, and theirs of those (ours are kept whole)."""
     same = sum(a == b for a, b in zip(ours, theirs))
     first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) for a, b in zip(ours, theirs) if a != b]
-    return {"requests": len(ours), "identical": same, "first_difference_at": sorted(first)}
+    return {"requests": len(ours), "identical": same, "first_difference_at": sorted(first),
+            "differing_ids": {str(index): b for index, (a, b) in enumerate(zip(ours, theirs)) if a != b}}
 
 
 def check_install(main_python: Path) -> dict:
@@ -327,7 +328,7 @@ def main() -> None:
                                      "e2e_p99": theirs["e2e_ms"]["p99"] / mine["e2e_ms"]["p99"],
                                      "rss_peak": theirs["rss_peak_mb"] / mine["rss_peak_mb"],
                                      "rss_peak_over_imports": theirs["rss_peak_over_imports_mb"] / mine["rss_peak_over_imports_mb"]}
-            agree[name][str(streams)] = agreement(mine["greedy_ids"], theirs["greedy_ids"])
+            agree[name][str(streams)] = agreement(mine["greedy_ids"], theirs.pop("greedy_ids"))
     scaling = {name: result["load_points"][args.streams.index(16)]["output_tokens_per_s"] / result["load_points"][args.streams.index(1)]["output_tokens_per_s"]
                for name, result in engines.items()} if {1, 16} <= set(args.streams) else {}
     command = "flock /work/cpu.lock python benchmarks/bench_openvino_batching.py " + " ".join(sys.argv[1:])
