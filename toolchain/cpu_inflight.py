@@ -7,12 +7,18 @@ and keeps the KV cache itself, which the graph's GroupQueryAttention allows: eac
 carries its own length (attention mask ones, then zeros), so sequences of different lengths decode
 together without recomputing anything.
 
-One thread owns the session and loops: take new and cancelled requests from the inbox; run one
-prefill chunk of the oldest waiting request (at most `max_num_tokens` minus the decode rows, so a
-long prompt does not stall the others); run one decode step for every running sequence; send each
-its token; drop finished and cancelled rows at once. A sequence joins the decode batch the step
-after its prefill. The KV budget (`kv_cache_tokens`) is reserved per request for prompt + max_tokens
-at admission, so the cache never outgrows it.
+One thread owns the session and loops: take new and cancelled requests from the inbox; prefill
+within the step's token budget (`max_num_tokens` minus the decode rows): the waiting prompts that
+fit together in one forward (right-padded to the longest, each row's cache kept to its own length),
+or one chunk of a prompt too long for the budget, so a long prompt does not stall the others; run
+one decode step for every running sequence, the just-prefilled included; send each its token; drop
+finished and cancelled rows at once. The KV budget (`kv_cache_tokens`) is reserved per request for
+prompt + max_tokens at admission, so the cache never outgrows it.
+
+The session runs the builder's graph with one change (`sampled_logits_graph`): logits are computed
+only for the rows the scheduler samples from (each prompt's last token), not for every prompt
+position; the LM head over all of them was about a third of a prefill's work. The session's threads
+sleep rather than spin between operators, so the Triton process beside them gets the cores.
 """
 
 import logging
@@ -20,12 +26,55 @@ import queue
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from toolchain.cpu_engine import CLOSE, FINISHED, InvalidRequest
 
 log = logging.getLogger(__name__)
+
+LOGIT_ROWS = "logit_rows"  # the added graph input: flat (row * sequence_length + position) indices of the positions to score
+
+
+def sampled_logits_graph(model_path: Path, hidden_size: int) -> bytes:
+    """The builder's graph (weights left in its external data file) with the LM head applied only at `logit_rows`.
+
+    Inserts Reshape [-1, hidden] -> Gather(logit_rows) -> Reshape [-1, 1, hidden] before the node that writes
+    `logits`, so logits are [len(logit_rows), 1, vocab].
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    lm_head = next(node for node in graph.node if "logits" in node.output)
+    graph.initializer.extend([numpy_helper.from_array(np.array([-1, hidden_size], dtype=np.int64), "logit_rows/flat_shape"),
+                              numpy_helper.from_array(np.array([-1, 1, hidden_size], dtype=np.int64), "logit_rows/row_shape")])
+    nodes = [helper.make_node("Reshape", [lm_head.input[0], "logit_rows/flat_shape"], ["logit_rows/flat"], name="logit_rows/Flatten"),
+             helper.make_node("Gather", ["logit_rows/flat", LOGIT_ROWS], ["logit_rows/rows"], name="logit_rows/Gather", axis=0),
+             helper.make_node("Reshape", ["logit_rows/rows", "logit_rows/row_shape"], ["logit_rows/hidden"], name="logit_rows/Rows")]
+    lm_head.input[0] = "logit_rows/hidden"
+    position = list(graph.node).index(lm_head)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
+    graph.input.append(helper.make_tensor_value_info(LOGIT_ROWS, onnx.TensorProto.INT64, ["logit_rows"]))
+    logits = next(output for output in graph.output if output.name == "logits")
+    vocab = logits.type.tensor_type.shape.dim[2]
+    logits.CopyFrom(helper.make_tensor_value_info("logits", logits.type.tensor_type.elem_type, ["logit_rows", 1, vocab.dim_value or vocab.dim_param]))
+    return model.SerializeToString()
+
+
+def inflight_session(model_path: Path, hidden_size: int, threads: int | None):
+    """An onnxruntime session of `sampled_logits_graph`, its weights read from the engine folder."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(model_path).parent))
+    return ort.InferenceSession(sampled_logits_graph(model_path, hidden_size), options, providers=["CPUExecutionProvider"])
 
 
 @dataclass
@@ -143,62 +192,104 @@ class InflightScheduler:
             self.prefilling = None
         self.drop_finished()
 
-    def admit(self) -> None:
-        """Start prefilling the oldest waiting request when a batch slot and its KV reservation are free."""
-        if self.prefilling is not None or not self.waiting or len(self.running) >= self.max_batch_size:
-            return
-        sequence = self.waiting[0]
-        if sequence.reserved_tokens > self.kv_cache_tokens:
+    def admit(self, budget: int) -> list[Sequence]:
+        """Take the waiting requests (oldest first) that a batch slot, their KV reservation and this step's token budget allow.
+
+        Whole prompts are taken while, padded to the longest, they fit `budget` together; a first prompt longer
+        than the budget is taken alone (it is then prefilled chunk by chunk).
+        """
+        batch: list[Sequence] = []
+        while self.waiting and len(self.running) + len(batch) < self.max_batch_size:
+            sequence = self.waiting[0]
+            if sequence.reserved_tokens > self.kv_cache_tokens:
+                self.waiting.popleft()
+                self.finish(sequence, InvalidRequest(f"prompt ({len(sequence.submission.prompt_ids)} tokens) plus max_tokens "
+                                                     f"({sequence.submission.max_new_tokens}) exceed the KV-cache budget of {self.kv_cache_tokens} tokens"))
+                continue
+            if self.reserved + sequence.reserved_tokens > self.kv_cache_tokens:
+                break  # waits for running sequences to free their reservation
+            longest = max(len(candidate.submission.prompt_ids) for candidate in [*batch, sequence])
+            if batch and longest * (len(batch) + 1) > budget:
+                break
             self.waiting.popleft()
-            self.finish(sequence, InvalidRequest(f"prompt ({len(sequence.submission.prompt_ids)} tokens) plus max_tokens "
-                                                 f"({sequence.submission.max_new_tokens}) exceed the KV-cache budget of {self.kv_cache_tokens} tokens"))
-            return
-        if self.reserved + sequence.reserved_tokens > self.kv_cache_tokens:
-            return  # waits for running sequences to free their reservation
-        self.waiting.popleft()
-        self.reserved += sequence.reserved_tokens
-        sequence.admitted = True
-        self.prefilling = sequence
-        if self.on_admit:
-            self.on_admit(time.monotonic() - sequence.submitted_at)
+            self.reserved += sequence.reserved_tokens
+            sequence.admitted = True
+            batch.append(sequence)
+            if self.on_admit:
+                self.on_admit(time.monotonic() - sequence.submitted_at)
+            if longest > budget:
+                break
+        return batch
 
     # --- the engine steps ------------------------------------------------------------------------
 
-    def forward(self, input_ids: np.ndarray, mask: np.ndarray, cache: list) -> tuple[np.ndarray, list]:
-        feed = {"input_ids": input_ids, "attention_mask": mask, **dict(zip(self.cache_names, cache))}
+    def forward(self, input_ids: np.ndarray, mask: np.ndarray, cache: list, logit_rows: np.ndarray) -> tuple[np.ndarray, list]:
+        """One pass of the graph; logits [len(logit_rows), vocab] at the flat positions `logit_rows` of `input_ids`."""
+        feed = {"input_ids": input_ids, "attention_mask": mask, LOGIT_ROWS: logit_rows, **dict(zip(self.cache_names, cache))}
         logits, *present = self.session.run(["logits", *self.present_names], feed)
-        return logits, present
+        return logits[:, 0], present
 
     def empty_cache(self, batch: int) -> list:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32) for _ in self.cache_names]
 
-    def prefill_chunk(self) -> int:
-        """Feed the prefilling request its next chunk of prompt; when the prompt is in, emit its first token."""
+    def prefill(self) -> int:
+        """Prefill within this step's token budget (see the module docstring); returns the prompt tokens fed."""
+        budget = max(1, self.max_num_tokens - len(self.running))
+        if self.prefilling is None:
+            batch = self.admit(budget)
+            if len(batch) == 1 and len(batch[0].submission.prompt_ids) > budget:
+                self.prefilling = batch[0]
+            elif batch:
+                return self.prefill_prompts(batch)
+        return self.prefill_chunk(budget) if self.prefilling is not None else 0
+
+    def prefill_prompts(self, batch: list[Sequence]) -> int:
+        """Whole prompts in one forward, right-padded to the longest; each emits its first token and joins the decode batch."""
+        lengths = np.array([len(sequence.submission.prompt_ids) for sequence in batch])
+        width = int(lengths.max())
+        ids = np.zeros((len(batch), width), dtype=np.int64)
+        for row, sequence in enumerate(batch):
+            ids[row, :lengths[row]] = sequence.submission.prompt_ids
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        try:
+            logits, cache = self.forward(ids, mask, self.empty_cache(len(batch)), np.arange(len(batch)) * width + lengths - 1)
+        except Exception as exc:  # these are not running yet: the step's failure handler would miss them
+            for sequence in batch:
+                self.finish(sequence, RuntimeError(f"engine step failed: {exc}"))
+            raise
+        for row, sequence in enumerate(batch):
+            sequence.prefilled = sequence.length = int(lengths[row])
+            self.emit(sequence, logits[row])
+        self.join(batch, cache)
+        return int(lengths.sum())
+
+    def prefill_chunk(self, budget: int) -> int:
+        """Feed the long prompt being prefilled its next chunk; when the prompt is in, emit its first token and join it."""
         sequence = self.prefilling
         prompt = sequence.submission.prompt_ids
-        chunk = max(1, self.max_num_tokens - len(self.running))
-        ids = prompt[sequence.prefilled:sequence.prefilled + chunk]
+        ids = prompt[sequence.prefilled:sequence.prefilled + budget]
         cache = sequence.cache or self.empty_cache(1)
         total = sequence.prefilled + len(ids)
-        logits, sequence.cache = self.forward(ids[None, :].astype(np.int64), np.ones((1, total), dtype=np.int64), cache)
+        logits, sequence.cache = self.forward(ids[None, :].astype(np.int64), np.ones((1, total), dtype=np.int64), cache,
+                                              np.array([len(ids) - 1]))
         sequence.prefilled = sequence.length = total
         if total == len(prompt):
             self.prefilling = None
-            self.emit(sequence, logits[0, -1])
-            if not sequence.done:
-                self.join(sequence)
+            self.emit(sequence, logits[0])
+            self.join([sequence], sequence.cache)
+            sequence.cache = None
         return len(ids)
 
-    def join(self, sequence: Sequence) -> None:
-        """Append a prefilled sequence to the decode batch (its cache padded to the batch's longest, or the batch's to its)."""
+    def join(self, sequences: list[Sequence], cache: list) -> None:
+        """Append prefilled sequences (rows of `cache`) to the decode batch, padding the shorter cache to the longer; finished ones leave."""
         if not self.running:
-            self.cache, self.running = sequence.cache, [sequence]
+            self.cache, self.running = cache, list(sequences)
         else:
-            width = max(self.cache[0].shape[2], sequence.length)
+            width = max(self.cache[0].shape[2], cache[0].shape[2])
             self.cache = [np.concatenate([pad_length(batch, width), pad_length(own, width)], axis=0)
-                          for batch, own in zip(self.cache, sequence.cache)]
-            self.running.append(sequence)
-        sequence.cache = None
+                          for batch, own in zip(self.cache, cache)]
+            self.running.extend(sequences)
+        self.drop_finished()
 
     def decode_step(self) -> None:
         """One new token for every running sequence, in one batch."""
@@ -207,10 +298,10 @@ class InflightScheduler:
         cache = [layer[:, :, :width] for layer in self.cache]
         mask = (np.arange(width + 1)[None, :] <= lengths[:, None]).astype(np.int64)
         ids = np.array([[sequence.last_token] for sequence in self.running], dtype=np.int64)
-        logits, self.cache = self.forward(ids, mask, cache)
+        logits, self.cache = self.forward(ids, mask, cache, np.arange(len(self.running)))
         for row, sequence in enumerate(self.running):
             sequence.length += 1
-            self.emit(sequence, logits[row, -1])
+            self.emit(sequence, logits[row])
         self.drop_finished()
 
     def emit(self, sequence: Sequence, logits: np.ndarray) -> None:
@@ -245,12 +336,9 @@ class InflightScheduler:
                 for sequence in self.all_sequences():
                     self.finish(sequence, RuntimeError("the CPU engine was closed"))
                 return
-            self.admit()
-            if self.prefilling is None and not self.running:
-                continue  # nothing admitted: the waiting request was refused (over the budget), or none waits
             started, self.sent = time.perf_counter(), 0
             try:
-                prefill_tokens = self.prefill_chunk() if self.prefilling is not None else 0
+                prefill_tokens = self.prefill()
                 batch = len(self.running)
                 if self.running:
                     self.decode_step()
@@ -260,7 +348,7 @@ class InflightScheduler:
                     self.finish(sequence, RuntimeError(f"engine step failed: {exc}"))
                 self.prefilling, self.running, self.cache = None, [], None
                 continue
-            if self.on_step:
+            if self.on_step and (prefill_tokens or batch):
                 self.on_step(StepStats(batch, prefill_tokens, self.sent, time.perf_counter() - started))
 
     def fail_all(self, exc: Exception) -> None:
