@@ -328,6 +328,15 @@ class InflightScheduler:
         width = max(sequence.length for sequence in self.running)
         self.cache = [np.ascontiguousarray(layer[keep, :, :width]) for layer in self.cache]
 
+    def step(self) -> StepStats:
+        """One engine step: prefill within the token budget, then one decode for every running sequence."""
+        started, self.sent = time.perf_counter(), 0
+        prefill_tokens = self.prefill()
+        batch = len(self.running)
+        if self.running:
+            self.decode_step()
+        return StepStats(batch, prefill_tokens, self.sent, time.perf_counter() - started)
+
     def run(self) -> None:
         """The engine thread's loop, until CLOSE; requests still in it then get an error."""
         while True:
@@ -336,20 +345,16 @@ class InflightScheduler:
                 for sequence in self.all_sequences():
                     self.finish(sequence, RuntimeError("the CPU engine was closed"))
                 return
-            started, self.sent = time.perf_counter(), 0
             try:
-                prefill_tokens = self.prefill()
-                batch = len(self.running)
-                if self.running:
-                    self.decode_step()
+                stats = self.step()
             except Exception as exc:  # a failed step fails the requests in it, not the engine
                 log.exception("in-flight engine step failed")
                 for sequence in [*([self.prefilling] if self.prefilling else []), *self.running]:
                     self.finish(sequence, RuntimeError(f"engine step failed: {exc}"))
                 self.prefilling, self.running, self.cache = None, [], None
                 continue
-            if self.on_step and (prefill_tokens or batch):
-                self.on_step(StepStats(batch, prefill_tokens, self.sent, time.perf_counter() - started))
+            if self.on_step and (stats.prefill_tokens or stats.batch_size):
+                self.on_step(stats)
 
     def fail_all(self, exc: Exception) -> None:
         for sequence in self.all_sequences():
