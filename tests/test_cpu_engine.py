@@ -149,10 +149,13 @@ def test_inflight_waiting_prompts_are_prefilled_together_in_one_forward(fp32_eng
 
 
 def test_inflight_prefill_batch_fits_the_token_budget_left_by_the_decode_rows(fp32_engine_dir):
-    """Budget 10: prompts of 4 and 3 tokens (padded 2 x 4), then the 7-token one beside 2 decode rows, then the 2-token one."""
-    new_tokens = [8] * len(PROMPTS)
+    """Budget 10: prompts of 4 and 3 tokens (padded 2 x 4), then the 7-token one beside 2 decode rows, then the 2-token one.
+
+    The third asks for 70 tokens: joining, it grows the running batch's cache buffer past its first 64 positions.
+    """
+    new_tokens = [8, 8, 70, 8]
     with CpuEngine(fp32_engine_dir, threads=1, max_batch_size=1) as static:
-        expected = [list(static.generate(prompt, max_new_tokens=8)) for prompt in PROMPTS]
+        expected = [list(static.generate(prompt, max_new_tokens=tokens)) for prompt, tokens in zip(PROMPTS, new_tokens)]
     steps, tokens = run_to_end(*queued_scheduler(fp32_engine_dir, PROMPTS, new_tokens, max_num_tokens=10))
     assert tokens == expected
     assert [step.prefill_tokens for step in steps[:3]] == [7, 7, 2] and [step.batch_size for step in steps[:3]] == [2, 3, 4]

@@ -5,7 +5,10 @@ attention of CUDA; a request that arrives while a batch decodes waits for the wh
 measured here). This scheduler runs the same ONNX graph the builder wrote with onnxruntime directly
 and keeps the KV cache itself, which the graph's GroupQueryAttention allows: each row of the batch
 carries its own length (attention mask ones, then zeros), so sequences of different lengths decode
-together without recomputing anything.
+together without recomputing anything. The running batch's cache is one preallocated buffer per
+cache input, [rows, kv_heads, capacity, head_dim], that a decode step reads and extends in place
+(its past and present bound to the same memory, which GroupQueryAttention supports): no step copies
+the cache. A finished row is refilled by moving the last row into it.
 
 One thread owns the session and loops: take new and cancelled requests from the inbox; prefill
 within the step's token budget (`max_num_tokens` minus the decode rows): the waiting prompts that
@@ -34,6 +37,7 @@ from toolchain.cpu_engine import CLOSE, FINISHED, InvalidRequest
 
 log = logging.getLogger(__name__)
 
+CACHE_GRANULE = 64  # the cache buffer's length grows in steps of this many positions
 LOGIT_ROWS = "logit_rows"  # the added graph input: flat (row * sequence_length + position) indices of the positions to score
 
 
@@ -139,7 +143,7 @@ class InflightScheduler:
     waiting: deque = field(default_factory=deque)
     prefilling: Sequence | None = None
     running: list = field(default_factory=list)
-    cache: list | None = None  # the running batch's cache: [batch, kv_heads, longest length, head_dim] per cache input
+    cache: list | None = None  # the running batch's cache buffer: [rows, kv_heads, capacity, head_dim] per cache input; row i is running[i]
 
     def __post_init__(self):
         inputs = self.session.get_inputs()
@@ -281,24 +285,43 @@ class InflightScheduler:
         return len(ids)
 
     def join(self, sequences: list[Sequence], cache: list) -> None:
-        """Append prefilled sequences (rows of `cache`) to the decode batch, padding the shorter cache to the longer; finished ones leave."""
-        if not self.running:
-            self.cache, self.running = cache, list(sequences)
-        else:
-            width = max(self.cache[0].shape[2], cache[0].shape[2])
-            self.cache = [np.concatenate([pad_length(batch, width), pad_length(own, width)], axis=0)
-                          for batch, own in zip(self.cache, cache)]
-            self.running.extend(sequences)
+        """Copy prefilled sequences' cache (rows of `cache`) into the buffer after the running rows; finished ones leave."""
+        first, rows = len(self.running), len(self.running) + len(sequences)
+        self.reserve(rows, max(sequence.reserved_tokens for sequence in [*self.running, *sequences]))
+        for layer, own in zip(self.cache, cache):
+            layer[first:rows, :, :own.shape[2]] = own
+        self.running.extend(sequences)
         self.drop_finished()
 
+    def reserve(self, rows: int, length: int) -> None:
+        """Grow the cache buffer (keeping the running rows) to at least `rows` x `length` positions."""
+        old = self.cache
+        if old is not None and rows <= old[0].shape[0] and length <= old[0].shape[2]:
+            return
+        if old is not None:
+            rows, length = min(self.max_batch_size, max(rows, 2 * old[0].shape[0])), max(length, old[0].shape[2])
+        length = -(-length // CACHE_GRANULE) * CACHE_GRANULE
+        self.cache = [np.zeros((rows, self.kv_heads, length, self.head_dim), dtype=np.float32) for _ in self.cache_names]
+        for layer, previous in zip(self.cache, old or []):
+            layer[:len(self.running), :, :previous.shape[2]] = previous[:len(self.running)]
+
     def decode_step(self) -> None:
-        """One new token for every running sequence, in one batch."""
+        """One new token for every running sequence, in one batch, the cache extended in place."""
+        import onnxruntime as ort
+
+        rows = len(self.running)
         lengths = np.array([sequence.length for sequence in self.running])
-        width = int(lengths.max())
-        cache = [layer[:, :, :width] for layer in self.cache]
-        mask = (np.arange(width + 1)[None, :] <= lengths[:, None]).astype(np.int64)
-        ids = np.array([[sequence.last_token] for sequence in self.running], dtype=np.int64)
-        logits, self.cache = self.forward(ids, mask, cache, np.arange(len(self.running)))
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.array([[sequence.last_token] for sequence in self.running], dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", (np.arange(lengths.max() + 1)[None, :] <= lengths[:, None]).astype(np.int64))
+        binding.bind_cpu_input(LOGIT_ROWS, np.arange(rows, dtype=np.int64))
+        binding.bind_output("logits")  # the first output
+        for past, present, layer in zip(self.cache_names, self.present_names, self.cache):
+            value = ort.OrtValue.ortvalue_from_numpy(layer[:rows])
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()[:, 0]
         for row, sequence in enumerate(self.running):
             sequence.length += 1
             self.emit(sequence, logits[row])
@@ -318,15 +341,21 @@ class InflightScheduler:
             self.finish(sequence)
 
     def drop_finished(self) -> None:
-        keep = [row for row, sequence in enumerate(self.running) if not sequence.done]
-        if len(keep) == len(self.running):
+        """Remove finished rows, moving the last running rows into their places (only their filled positions are copied)."""
+        rows = len(self.running)
+        kept = rows - sum(sequence.done for sequence in self.running)
+        if kept == rows:
             return
-        self.running = [self.running[row] for row in keep]
+        movers = [row for row in range(kept, rows) if not self.running[row].done]
+        holes = [row for row in range(kept) if self.running[row].done]
+        for hole, mover in zip(holes, movers):
+            length = self.running[mover].length
+            for layer in self.cache:
+                layer[hole, :, :length] = layer[mover, :, :length]
+            self.running[hole] = self.running[mover]
+        del self.running[kept:]
         if not self.running:
-            self.cache = None
-            return
-        width = max(sequence.length for sequence in self.running)
-        self.cache = [np.ascontiguousarray(layer[keep, :, :width]) for layer in self.cache]
+            self.cache = None  # the buffer's memory goes back while idle
 
     def step(self) -> StepStats:
         """One engine step: prefill within the token budget, then one decode for every running sequence."""
@@ -359,10 +388,3 @@ class InflightScheduler:
     def fail_all(self, exc: Exception) -> None:
         for sequence in self.all_sequences():
             self.finish(sequence, RuntimeError(f"the CPU engine stopped: {exc}"))
-
-
-def pad_length(cache: np.ndarray, width: int) -> np.ndarray:
-    """A cache [batch, heads, length, head_dim] zero-padded (masked out) to `width` positions."""
-    missing = width - cache.shape[2]
-    return cache if missing <= 0 else np.pad(cache, ((0, 0), (0, 0), (0, missing), (0, 0)))
-
