@@ -16,7 +16,8 @@ fit together in one forward (right-padded to the longest, each row's cache kept 
 or one chunk of a prompt too long for the budget, so a long prompt does not stall the others; run
 one decode step for every running sequence, the just-prefilled included; send each its token; drop
 finished and cancelled rows at once. The KV budget (`kv_cache_tokens`) is reserved per request for
-prompt + max_tokens at admission, so the cache never outgrows it.
+prompt + max_tokens at admission, so the tokens cached never outgrow it (the buffer holds rows x
+the longest reservation among them, rounded up to `CACHE_GRANULE`).
 
 The session runs the builder's graph with one change (`sampled_logits_graph`): logits are computed
 only for the rows the scheduler samples from (each prompt's last token), not for every prompt
@@ -141,7 +142,7 @@ class InflightScheduler:
     on_admit: object = None  # callable(queue_seconds) or None
     on_step: object = None  # callable(StepStats) or None
     waiting: deque = field(default_factory=deque)
-    prefilling: Sequence | None = None
+    prefilling: Sequence | None = None  # a prompt too long for one step's budget, prefilled chunk by chunk
     running: list = field(default_factory=list)
     cache: list | None = None  # the running batch's cache buffer: [rows, kv_heads, capacity, head_dim] per cache input; row i is running[i]
 
