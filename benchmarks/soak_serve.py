@@ -1,15 +1,16 @@
 """Soak test of `minitron serve` on a CPU engine: N concurrent streaming gRPC clients for a fixed time.
 
-    python benchmarks/soak_serve.py [--duration-s 600] [--clients 32] [--student DIR] [--profile cpu-fp32] [--batching inflight]
+    python benchmarks/soak_serve.py [--duration-s 600] [--clients 32] [--student DIR | --engine DIR] [--profile cpu-fp32] [--batching inflight]
 
 The student defaults to smollm2-135m depth-pruned to 15 layers (`minitron prune ... --num-layers 15
 --calibration-samples 64`), built with `minitron build --profile cpu-fp32`, both cached under
-~/.cache/minitron/soak/. Reports requests answered, errors, latency / first-token percentiles per window
+~/.cache/minitron/soak/; `--engine` serves an engine directory already built instead. Reports requests answered, errors, latency / first-token percentiles per window
 and the RSS of the server's whole process group (tritonserver + python stubs) at start and end.
 Writes benchmarks/results/soak_serve.{json,md}.
 """
 
 import argparse
+import json
 import os
 import random
 import re
@@ -48,6 +49,17 @@ def group_rss_mb(pgid: int) -> float:
     return total / 1e6
 
 
+def group_processes(pgid: int) -> int:
+    """How many processes of the process group are alive."""
+    count = 0
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            count += int(status.read_text().rsplit(")", 1)[1].split()[2]) == pgid
+        except (OSError, IndexError, ValueError):
+            continue
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration-s", type=float, default=600)
@@ -55,18 +67,25 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--window-s", type=float, default=60)
     parser.add_argument("--student", type=Path, help="a pruned student HF directory (default: prune smollm2-135m to 15 layers)")
+    parser.add_argument("--engine", type=Path, help="a built CPU engine directory to serve (instead of building one from --student)")
     parser.add_argument("--profile", default="cpu-fp32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batching", choices=["inflight", "static"], default="inflight")
     parser.add_argument("--max-batch-size", type=int, default=32, help="serve's max batch (capped by the engine's; its profile's is built in)")
     args = parser.parse_args()
 
-    student = args.student or WORK / "smollm2-135m-15layers"
-    if not (student / "config.json").is_file():
-        minitron("prune", "--model", "smollm2-135m", "--out", str(student), "--num-layers", "15", "--calibration-samples", "64")
-    engine_dir = WORK / f"engine-{student.name}-{args.profile}-b32"
-    if not (engine_dir / "manifest.json").is_file():
-        minitron("build", "--profile", args.profile, "--max-batch-size", "32", "--model", str(student), "--out", str(engine_dir))
+    if args.engine:
+        engine_dir = args.engine
+        manifest = json.loads((engine_dir / "manifest.json").read_text())
+        engine_name, args.profile = f"{engine_dir.name} ({manifest['source_model']})", manifest["profile_name"]
+    else:
+        student = args.student or WORK / "smollm2-135m-15layers"
+        if not (student / "config.json").is_file():
+            minitron("prune", "--model", "smollm2-135m", "--out", str(student), "--num-layers", "15", "--calibration-samples", "64")
+        engine_dir = WORK / f"engine-{student.name}-{args.profile}-b32"
+        if not (engine_dir / "manifest.json").is_file():
+            minitron("build", "--profile", args.profile, "--max-batch-size", "32", "--model", str(student), "--out", str(engine_dir))
+        engine_name = student.name
 
     server = subprocess.Popen([sys.executable, "-m", "toolchain", "serve", "--engine", str(engine_dir), "--threads", str(args.threads),
                                "--batching", args.batching, "--max-batch-size", str(args.max_batch_size)],
@@ -114,6 +133,8 @@ def main() -> None:
     rss_end = group_rss_mb(pgid)
     server.send_signal(signal.SIGTERM)
     server.wait(timeout=120)
+    time.sleep(2)
+    left_behind = group_processes(pgid)
 
     windows = []
     for start in range(0, int(args.duration_s + args.window_s), int(args.window_s)):
@@ -129,17 +150,18 @@ def main() -> None:
     errors = [r["error"] for r in records if r["error"] is not None]
     output_tokens = sum(r["tokens"] for r in ok)
     command = "flock /work/cpu.lock python benchmarks/soak_serve.py " + " ".join(sys.argv[1:])
-    payload = {"command": command.strip(), "student": str(student), "profile": args.profile, "engine_threads": args.threads,
+    payload = {"command": command.strip(), "engine": str(engine_dir), "profile": args.profile, "engine_threads": args.threads,
                "batching": args.batching, "max_batch_size": args.max_batch_size, "clients": args.clients,
                "duration_s": args.duration_s, "max_tokens": args.max_tokens, "requests": len(records), "answered": len(ok),
                "errors": len(errors), "error_examples": sorted(set(errors))[:5], "stream_pieces_per_s": output_tokens / args.duration_s,
                "latency_p50_s": percentile([r["latency_s"] for r in ok], 50), "latency_p99_s": percentile([r["latency_s"] for r in ok], 99),
                "rss_start_mb": rss_start, "rss_end_mb": rss_end, "rss_growth_pct": 100 * (rss_end - rss_start) / rss_start,
                "rss_first_loaded_mb": rss_samples[0][1], "rss_growth_under_load_pct": 100 * (rss_end - rss_samples[0][1]) / rss_samples[0][1],
-               "rss_samples": rss_samples, "windows": windows, "server_exit_code": server.returncode, "machine": machine()}
+               "rss_samples": rss_samples, "windows": windows, "server_exit_code": server.returncode,
+               "processes_left_after_sigterm": left_behind, "machine": machine()}
     lines = [f"# Soak: {args.clients} streaming gRPC clients for {args.duration_s / 60:.1f} min against `minitron serve`", "",
              f"Command: `{payload['command']}`", "",
-             f"Engine: {student.name} built with profile {args.profile} (max batch 32), served with {args.batching} batching, max batch "
+             f"Engine: {engine_name} built with profile {args.profile} (max batch 32), served with {args.batching} batching, max batch "
              f"{args.max_batch_size}, {args.threads} engine thread(s), {args.max_tokens} new tokens "
              f"per request, greedy. Machine: {os.cpu_count()} cores shared with other jobs.", "",
              f"- requests answered: **{len(ok)}** of {len(records)}; errors: **{len(errors)}**",
@@ -147,7 +169,8 @@ def main() -> None:
              f"p99 {payload['latency_p99_s']:.2f} s",
              f"- server RSS (tritonserver + stubs): {rss_start:.0f} MB at start, {rss_end:.0f} MB at end "
              f"(**{payload['rss_growth_pct']:+.1f}%**); first sample under full load ({rss_samples[0][0]} s) {rss_samples[0][1]:.0f} MB, "
-             f"growth from there **{payload['rss_growth_under_load_pct']:+.1f}%**; exit code after SIGTERM {server.returncode}", "",
+             f"growth from there **{payload['rss_growth_under_load_pct']:+.1f}%**; exit code after SIGTERM {server.returncode}, "
+             f"processes of the server's group left 2 s later: **{left_behind}**", "",
              "| window start s | requests | errors | latency p50 s | p90 s | p99 s | first token p50 s | p99 s |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {w['window_start_s']} | {w['requests']} | {w['errors']} | {w['latency_p50_s']:.2f} | {w['latency_p90_s']:.2f} | "
               f"{w['latency_p99_s']:.2f} | {w['ttft_p50_s']:.2f} | {w['ttft_p99_s']:.2f} |" for w in windows]

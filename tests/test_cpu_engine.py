@@ -4,13 +4,16 @@ The engine tests run on both batching modes: in-flight (our scheduler on onnxrun
 """
 
 import json
+import queue
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_model
 
-from toolchain.cpu_engine import CpuEngine, InvalidRequest, build_cpu_engine
+from toolchain.cpu_engine import FINISHED, CpuEngine, InvalidRequest, Submission, build_cpu_engine
+from toolchain.cpu_inflight import InflightScheduler, inflight_session
 from toolchain.errors import UserError
 
 pytest.importorskip("onnxruntime_genai", reason="needs the cpu-engine extra: pip install -e '.[cpu-engine]'")
@@ -109,6 +112,55 @@ def test_inflight_prefill_in_chunks_and_joins_give_the_static_tokens(fp32_engine
     assert max(step.batch_size for step in steps) <= 3 and max(step.prefill_tokens for step in steps) <= 2
 
 
+def queued_scheduler(engine_dir, prompts, new_tokens, max_num_tokens):
+    """An in-flight scheduler (no engine thread) with `prompts` all waiting at once, and their submissions."""
+    decoder = json.loads((engine_dir / "genai_config.json").read_text())["model"]["decoder"]
+    scheduler = InflightScheduler(inflight_session(engine_dir / decoder["filename"], decoder["hidden_size"], threads=1), max_batch_size=4,
+                                  max_num_tokens=max_num_tokens, kv_cache_tokens=4 * 256, head_dim=decoder["head_size"], eos_token_ids=(2,),
+                                  inbox=queue.Queue())
+    submissions = [Submission(np.array(prompt), tokens, 0.0, 0, 1.0, None) for prompt, tokens in zip(prompts, new_tokens)]
+    for submission in submissions:
+        scheduler.inbox.put(submission)
+    scheduler.take_inbox(block=False)
+    return scheduler, submissions
+
+
+def run_to_end(scheduler, submissions) -> tuple[list, list[list[int]]]:
+    steps = []
+    while scheduler.waiting or scheduler.prefilling or scheduler.running:
+        steps.append(scheduler.step())
+    tokens = []
+    for submission in submissions:
+        events = list(submission.events.queue)
+        assert events[-1] is FINISHED
+        tokens.append(events[:-1])
+    return steps, tokens
+
+
+def test_inflight_waiting_prompts_are_prefilled_together_in_one_forward(fp32_engine_dir):
+    """Prompts of different lengths, right-padded in one prefill, decode together and each gets its tokens as if alone."""
+    new_tokens = [4 + 5 * i for i in range(len(PROMPTS))]
+    with CpuEngine(fp32_engine_dir, threads=1, max_batch_size=1) as static:
+        expected = [list(static.generate(prompt, max_new_tokens=tokens)) for prompt, tokens in zip(PROMPTS, new_tokens)]
+    steps, tokens = run_to_end(*queued_scheduler(fp32_engine_dir, PROMPTS, new_tokens, max_num_tokens=64))
+    assert tokens == expected
+    assert steps[0].prefill_tokens == sum(map(len, PROMPTS)) and steps[0].batch_size == len(PROMPTS)
+    assert all(step.prefill_tokens == 0 for step in steps[1:])
+
+
+def test_inflight_prefill_batch_fits_the_token_budget_left_by_the_decode_rows(fp32_engine_dir):
+    """Budget 10: prompts of 4 and 3 tokens (padded 2 x 4), then the 7-token one beside 2 decode rows, then the 2-token one.
+
+    The third asks for 70 tokens: joining, it grows the running batch's cache buffer past its first 64 positions.
+    """
+    new_tokens = [8, 8, 70, 8]
+    with CpuEngine(fp32_engine_dir, threads=1, max_batch_size=1) as static:
+        expected = [list(static.generate(prompt, max_new_tokens=tokens)) for prompt, tokens in zip(PROMPTS, new_tokens)]
+    steps, tokens = run_to_end(*queued_scheduler(fp32_engine_dir, PROMPTS, new_tokens, max_num_tokens=10))
+    assert tokens == expected
+    assert [step.prefill_tokens for step in steps[:3]] == [7, 7, 2] and [step.batch_size for step in steps[:3]] == [2, 3, 4]
+
+
 def test_inflight_kv_budget_refuses_what_it_cannot_hold(fp32_engine_dir):
     with pytest.raises(UserError, match="kv_cache_tokens 100 cannot hold one request of max_input_len 200"):
         CpuEngine(fp32_engine_dir, threads=1, batching="inflight", max_input_len=200, kv_cache_tokens=100)
@@ -134,8 +186,11 @@ def test_bad_requests_are_refused_by_name(engine, kwargs, message):
 def test_int4_engine_builds_and_runs(tiny_checkpoint, tmp_path):
     build_cpu_engine(tiny_checkpoint, tmp_path / "int4", "int4")
     assert "MatMulNBits" in (tmp_path / "int4" / "model.onnx").read_bytes().decode("latin-1")
-    with CpuEngine(tmp_path / "int4", threads=1) as engine:
-        assert len(list(engine.generate(PROMPTS[0], max_new_tokens=8))) <= 8
+    tokens = {}
+    for batching in ("static", "inflight"):  # in flight, the LM head is a MatMulNBits behind the sampled-position Gather
+        with CpuEngine(tmp_path / "int4", threads=1, batching=batching) as engine:
+            tokens[batching] = list(engine.generate(PROMPTS[0], max_new_tokens=8))
+    assert 1 <= len(tokens["static"]) <= 8 and tokens["inflight"] == tokens["static"]
 
 
 def test_config_the_builder_cannot_read_is_one_line_error(tiny_checkpoint, tmp_path):

@@ -177,20 +177,15 @@ class CpuEngine:
 
     def _inflight_scheduler(self, genai: dict, max_num_tokens: int | None, kv_cache_tokens: int | None, on_admit, on_step):
         """The in-flight scheduler on an onnxruntime session of the builder's graph; budgets that cannot hold one request are refused."""
-        import onnxruntime as ort
-
-        from toolchain.cpu_inflight import InflightScheduler
+        from toolchain.cpu_inflight import InflightScheduler, inflight_session
 
         limits = self.limits
         kv_cache_tokens = kv_cache_tokens or self.max_batch_size * limits.max_seq_len
         if kv_cache_tokens < limits.max_input_len + 1:
             raise UserError(f"kv_cache_tokens {kv_cache_tokens} cannot hold one request of max_input_len {limits.max_input_len} "
                             f"plus one new token; use at least {limits.max_input_len + 1}")
-        options = ort.SessionOptions()
-        if self.threads:
-            options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
         decoder = genai["decoder"]
-        session = ort.InferenceSession(str(self.model_dir / decoder["filename"]), options, providers=["CPUExecutionProvider"])
+        session = inflight_session(self.model_dir / decoder["filename"], int(decoder["hidden_size"]), self.threads)
         return InflightScheduler(session, self.max_batch_size, max_num_tokens or limits.max_input_len, kv_cache_tokens,
                                  int(decoder["head_size"]), limits.eos_token_ids, self._inbox, on_admit, on_step)
 

@@ -206,9 +206,10 @@ class ServeConfig(Section):
         "inflight", description="How a CPU engine batches concurrent requests: inflight (a request joins the running batch at the next step "
                                 "and leaves it when it finishes or is cancelled) or static (onnxruntime-genai's Engine: a batch runs until "
                                 "all its requests finish; later ones wait). TensorRT-LLM engines always batch in flight.")
-    max_num_tokens: int | None = Field(None, gt=0, description="In-flight CPU engine: tokens per step, the decoding requests plus a chunk of one "
-                                                                "new prompt (longer prompts are prefilled in chunks beside the others' decode); "
-                                                                "none: the profile's max_num_tokens, else its max_input_len.")
+    max_num_tokens: int | None = Field(None, gt=0, description="In-flight CPU engine: tokens per step, the decoding requests plus the new prompts "
+                                                                "prefilled beside them (waiting prompts together while, padded to the longest, "
+                                                                "they fit; a longer prompt in chunks); none: the profile's max_num_tokens, else "
+                                                                "its max_input_len.")
     kv_cache_tokens: int | None = Field(None, gt=0, description="In-flight CPU engine: KV-cache budget in tokens over all running requests (each "
                                                                  "reserves prompt + max_tokens when it starts, later ones wait); none: max batch "
                                                                  "x max_seq_len. It must hold one request of max_input_len.")
