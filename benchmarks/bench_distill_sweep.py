@@ -8,7 +8,7 @@ teacher-logit cache (as the recipe does); online arms run the teacher beside the
 hidden-state loss). min_lr defaults to lr / 10.
 
     python benchmarks/bench_distill_sweep.py --run runs/smollm2-135m-minitron \\
-        --arm "width lr=3e-4" --arm "width lr=1e-3 global_batch_size=4" --arm "depth lr=1e-3 intermediate_loss=cosine intermediate_loss_weight=1 teacher_cache=online"
+        --base "tokens=16384 global_batch_size=8 lr=3e-4 min_lr=3e-5 warmup_steps=2" --arm "width" --arm "width lr=1e-3 global_batch_size=4" --arm "depth lr=1e-3 intermediate_loss=cosine intermediate_loss_weight=1 teacher_cache=online"
 
 Writes benchmarks/results/distill_sweep.{json,md}; finished arms in --work-dir are reused (their
 training and eval are read back), so an interrupted sweep resumes.
@@ -52,13 +52,14 @@ def parse_arm(text: str, base: dict) -> tuple[str, dict]:
 
 def arm_label(student: str, settings: dict, base: dict) -> str:
     changed = {key: value for key, value in settings.items() if base.get(key) != value and key != "min_lr"}
-    return student + (" " + " ".join(f"{key}={value}" for key, value in changed.items()) if changed else " (recipe)")
+    return student + (" " + " ".join(f"{key}={value}" for key, value in changed.items()) if changed else " (base)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="the main job's run folder (pruned students, teacher cache)")
     parser.add_argument("--arm", action="append", required=True, help="'STUDENT key=value ...' (see FIELDS)")
+    parser.add_argument("--base", default="", help="'key=value ...' over the recipe's distill settings, the settings every arm starts from")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench-distill-sweep"))
     parser.add_argument("--name", default="distill_sweep", help="results file name")
@@ -70,6 +71,7 @@ def main() -> None:
     base = {**recipe.distill.model_dump(exclude_none=True), "seq_len": recipe.data.seq_len}
     base["teacher_cache"] = str((args.run / base["teacher_cache"]).resolve())
     base.pop("save_every", None)
+    base = parse_arm(f"base {args.base}", base)[1]
     evaluation = EvalConfig(batch_size=recipe.eval.batch_size, max_batches=recipe.eval.max_batches)
     compute = ComputeConfig(dtype="float32", device="cpu")
     started = time.perf_counter()
@@ -101,7 +103,7 @@ def main() -> None:
         print(json.dumps(arms[-1]), flush=True)
 
     best = {student: min((arm for arm in arms if arm["student"] == student), key=lambda arm: arm["ratio"]) for student in dict.fromkeys(a["student"] for a in arms)}
-    command = "python benchmarks/bench_distill_sweep.py --run " + str(args.run) + "".join(f" --arm {shlex.quote(text)}" for text in args.arm)
+    command = f"python benchmarks/bench_distill_sweep.py --run {args.run} --base {shlex.quote(args.base)}" + "".join(f" --arm {shlex.quote(text)}" for text in args.arm)
     payload = {"benchmark": "distillation settings sweep on the main job's pruned students", "command": command, "recipe_distill": base,
                "teacher_perplexity": teacher_perplexity,
                "eval": evaluation.model_dump(), "arms": arms, "best": {student: arm["arm"] for student, arm in best.items()},
@@ -109,7 +111,7 @@ def main() -> None:
     lines = ["# Distillation settings sweep (main job's students, smollm2-135m teacher)", "", f"Command: `{command}`", "",
              f"Each arm distils the main job's pruned student ({args.run}/students/NAME/pruned) and is evaluated on the main job's "
              f"report rows (eval split, seq {recipe.data.seq_len}, batch {evaluation.batch_size}, {evaluation.max_batches} batches). "
-             f"Unnamed settings are the recipe's ({', '.join(f'{k}={v}' for k, v in base.items() if k != 'teacher_cache')}); "
+             f"Unnamed settings are the base's (the recipe's distill settings with --base applied: {', '.join(f'{k}={v}' for k, v in base.items() if k != 'teacher_cache')}); "
              f"min_lr is lr/10 where lr is set. {machine()['torch_threads']} torch threads on {machine()['cpu_count']} cores, "
              f"{payload['seconds'] / 60:.1f} min in all (train seconds below are each run's own, on a machine shared with other work).", "",
              f"Teacher perplexity on these rows: {teacher_perplexity:.2f}.", "",
