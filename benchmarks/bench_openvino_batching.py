@@ -359,8 +359,8 @@ def format_markdown(payload: dict) -> str:
     ours_config = engines["inflight-ort-fp32"]["config"]
     theirs_config = engines[next(iter(payload["variants"]))]["config"]
     scheduler = dict(line.strip().split(": ", 1) for line in theirs_config["scheduler"].splitlines() if ": " in line)
-    lines += [f"Scheduling: ours at most {ours_config['max_batch_size']} sequences, {ours_config['max_num_tokens']} tokens per step (one waiting "
-              f"prompt prefilled per step beside the decoding rows), KV budget {ours_config['kv_cache_tokens']} tokens; OpenVINO (its "
+    lines += [f"Scheduling: ours at most {ours_config['max_batch_size']} sequences, {ours_config['max_num_tokens']} tokens per step (waiting "
+              f"prompts prefilled together in one forward beside the decoding rows, within that budget), KV budget {ours_config['kv_cache_tokens']} tokens; OpenVINO (its "
               f"SchedulerConfig defaults but max_num_seqs) at most {scheduler['max_num_seqs']} sequences, max_num_batched_tokens "
               f"{scheduler['max_num_batched_tokens']}, dynamic_split_fuse {scheduler['dynamic_split_fuse']}, cache_size {scheduler['cache_size']} "
               "(KV cache grown on demand). optimum-cli export: "
