@@ -105,6 +105,19 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def step_increments(model, step, memory: PeakMemory, repeats: int = 2) -> list[int]:
+    """The step's own peak above the memory just before it (freed heap handed back first), once per repeat
+    (the first repeat after a change of mode, e.g. checkpointing switched on, still allocates for good)."""
+    increments = []
+    for _ in range(repeats):
+        model.zero_grad(set_to_none=False)
+        before = memory.settled()
+        with memory:
+            step()
+        increments.append(memory.peak - before)
+    return increments
+
+
 def cached_step_peaks(args, teacher, batch_rows: np.ndarray, input_ids, memory: PeakMemory) -> dict:
     """The KD step as a run with a teacher cache takes it: no teacher forward, the top-k loss against cached entries.
     Returns what must exist (student weights, gradients, AdamW moments) and the step's peak, plain and checkpointed."""
@@ -126,14 +139,8 @@ def cached_step_peaks(args, teacher, batch_rows: np.ndarray, input_ids, memory: 
         for name in ("plain", "gradient_checkpointing"):
             if name == "gradient_checkpointing":
                 student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            increments = []
-            for _ in range(2):
-                student.zero_grad(set_to_none=False)
-                before = memory.settled()
-                with memory:
-                    compute_loss(student, input_ids)["loss"].backward()
-                increments.append(memory.peak - before)
-            peaks[name] = required + min(increments)
+            increments = step_increments(student, lambda: compute_loss(student, input_ids)["loss"].backward(), memory)
+            peaks[name] = required + min(increments[1:])
     return {"required": required, "step_peak": peaks}
 
 
@@ -200,13 +207,7 @@ def main() -> None:
 
     # the same step with the student's gradient checkpointing (HF's, as --gradient-checkpointing): memory only
     student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    checkpointed_increments = []
-    for _ in range(2):
-        distill_model.zero_grad(set_to_none=False)
-        before = memory.settled()
-        with memory:
-            kd_step()
-        checkpointed_increments.append(memory.peak - before)
+    checkpointed_increments = step_increments(distill_model, kd_step, memory)
 
     cached = cached_step_peaks(args, teacher, batch_rows, input_ids, memory)
 

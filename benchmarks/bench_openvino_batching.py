@@ -38,6 +38,8 @@ import threading
 import time
 from pathlib import Path
 
+from peak import PeakSampler
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = Path("/work/main/runs/smollm2-135m-minitron/students/depth/distilled")
 DEFAULT_CACHE = Path.home() / ".cache" / "minitron" / "openvino-bench"
@@ -57,27 +59,6 @@ WORKER_TIMEOUT_S = 900
 def rss_mb() -> float:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakRss:
-    """This process's peak RSS, sampled every 0.2 s while in the block."""
-
-    def __init__(self):
-        self.peak, self.stop = rss_mb(), threading.Event()
-
-    def sample(self) -> None:
-        while not self.stop.wait(0.2):
-            self.peak = max(self.peak, rss_mb())
-
-    def __enter__(self):
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, rss_mb())
 
 
 def inflight_sender(engine_dir: Path, threads: int, max_batch: int):
@@ -177,7 +158,7 @@ def run_worker(args) -> None:
     for point in spec["points"]:
         requests = LoadPointRequests(point["load"], [BenchRequest("", tuple(ids), spec["max_new_tokens"]) for ids in point["warmup"]],
                                      [BenchRequest("", tuple(ids), spec["max_new_tokens"]) for ids in point["measured"]], None)
-        with PeakRss() as rss:
+        with PeakSampler(rss_mb, 0.2) as rss:
             metrics = run_load_point(send, requests)
         metrics.pop("samples")
         metrics["rss_peak_mb"] = rss.peak

@@ -17,12 +17,12 @@ import argparse
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_results  # noqa: E402
+from peak import PeakSampler  # noqa: E402
 from soak_serve import WORK, group_rss_mb  # noqa: E402
 
 from toolchain.bench.load import run_load_point  # noqa: E402
@@ -47,27 +47,6 @@ def default_engine() -> Path:
     return engine_dir
 
 
-class PeakRss:
-    """The peak RSS of a process group, sampled every half second while in the block."""
-
-    def __init__(self, pgid: int):
-        self.pgid, self.peak, self.stop = pgid, 0.0, threading.Event()
-
-    def sample(self) -> None:
-        while not self.stop.wait(0.5):
-            self.peak = max(self.peak, group_rss_mb(self.pgid))
-
-    def __enter__(self):
-        self.peak = group_rss_mb(self.pgid)
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
-
 def measure(engine_dir: Path, mode: str, points, threads: int, max_batch: int) -> dict:
     """Serve the engine batching as `mode` says, up to `max_batch` requests, and run every load point against it."""
     settings = ServeConfig(threads=threads, batching=mode, max_batch_size=max_batch)
@@ -77,7 +56,7 @@ def measure(engine_dir: Path, mode: str, points, threads: int, max_batch: int) -
         send = TritonRunner.sender(running.endpoints.grpc, "ensemble")
         results["rss_idle_mb"] = group_rss_mb(pgid)
         for point in points:
-            with PeakRss(pgid) as rss:
+            with PeakSampler(lambda: group_rss_mb(pgid), 0.5) as rss:
                 metrics = run_load_point(send, point)
             metrics.pop("samples")
             metrics["rss_peak_mb"] = rss.peak
