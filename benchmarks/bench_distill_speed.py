@@ -22,22 +22,17 @@ import argparse
 import ctypes
 import gc
 import statistics
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 from common import machine, pin_threads, write_results
 
 from toolchain.data import iterate_batches, prepare_data
-from toolchain.distill import build_distillation, cached_kd_loss_function, layer_mapping
-from toolchain.losses import next_token_nll, pass_hidden_states
+from toolchain.distill import build_distillation, layer_mapping
+from toolchain.losses import next_token_nll
 from toolchain.models import load_config, load_model, load_tokenizer
 from toolchain.settings import DataConfig, DistillConfig
-from toolchain.teacher_cache import cache_fingerprint, fill_teacher_cache, open_teacher_cache
 from toolchain.training import prepare_student
 
 
@@ -105,45 +100,6 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def step_increments(model, step, memory: PeakMemory, repeats: int = 2) -> list[int]:
-    """The step's own peak above the memory just before it (freed heap handed back first), once per repeat
-    (the first repeat after a change of mode, e.g. checkpointing switched on, still allocates for good)."""
-    increments = []
-    for _ in range(repeats):
-        model.zero_grad(set_to_none=False)
-        before = memory.settled()
-        with memory:
-            step()
-        increments.append(memory.peak - before)
-    return increments
-
-
-def cached_step_peaks(args, teacher, batch_rows: np.ndarray, input_ids, memory: PeakMemory) -> dict:
-    """The KD step as a run with a teacher cache takes it: no teacher forward, the top-k loss against cached entries.
-    Returns what must exist (student weights, gradients, AdamW moments) and the step's peak, plain and checkpointed."""
-    student = load_model(args.student, device=args.device) if args.student else sliced_student(args.teacher, args.hidden_size, args.ffn_hidden_size, teacher.dtype).to(args.device)
-    with tempfile.TemporaryDirectory(prefix="bench-cache-") as directory:
-        config = DistillConfig(steps=1, loss_chunk_tokens=args.loss_chunk_tokens, teacher_cache=directory)
-        fingerprint = cache_fingerprint("bench", "bench", "bench", args.seq_len, teacher.config.vocab_size, config.teacher_cache_top_k,
-                                        config.temperature, str(teacher.dtype))
-        cache = open_teacher_cache(Path(directory), fingerprint, batch_rows, writable=True)
-        fill_teacher_cache(cache, teacher, batch_rows, np.arange(len(batch_rows)), args.micro_batch_size, args.device)
-        head = pass_hidden_states(prepare_student(student, config))
-        compute_loss = cached_kd_loss_function(cache, config, head)
-        parameters = [p for p in student.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=1e-5)
-        compute_loss(student, input_ids)["loss"].backward()
-        optimizer.step()
-        required = (2 * tensor_bytes(parameters) + tensor_bytes(t for state in optimizer.state.values() for t in (state["exp_avg"], state["exp_avg_sq"])))
-        peaks = {}
-        for name in ("plain", "gradient_checkpointing"):
-            if name == "gradient_checkpointing":
-                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            increments = step_increments(student, lambda: compute_loss(student, input_ids)["loss"].backward(), memory)
-            peaks[name] = required + min(increments[1:])
-    return {"required": required, "step_peak": peaks}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="smollm2-135m")
@@ -170,7 +126,6 @@ def main() -> None:
     distill_model, compute_loss = build_distillation(teacher, prepare_student(student, config), config, layer_mapping(list(range(student.config.num_hidden_layers)), teacher.config.num_hidden_layers))
     rows = prepare_data(DataConfig(spec=args.data, seq_len=args.seq_len), load_tokenizer(args.teacher)).split("train")
     input_ids = next(iterate_batches(rows, args.micro_batch_size)).to(args.device)
-    batch_rows = input_ids.cpu().numpy()
     parameters = [p for p in distill_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
 
@@ -207,9 +162,13 @@ def main() -> None:
 
     # the same step with the student's gradient checkpointing (HF's, as --gradient-checkpointing): memory only
     student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    checkpointed_increments = step_increments(distill_model, kd_step, memory)
-
-    cached = cached_step_peaks(args, teacher, batch_rows, input_ids, memory)
+    checkpointed_increments = []
+    for _ in range(2):
+        distill_model.zero_grad(set_to_none=False)
+        before = memory.settled()
+        with memory:
+            kd_step()
+        checkpointed_increments.append(memory.peak - before)
 
     tokens = input_ids.numel()
     kd, teacher_s, student_s = (statistics.median(x) for x in (kd_seconds, teacher_seconds, student_seconds))
@@ -238,9 +197,7 @@ def main() -> None:
         "kd_tokens_per_second": tokens / kd,
         "memory_bytes": {**must_exist, "required_total": required, "peak_during_kd_step": peak, "peak_over_required": peak / required,
                          "activations_and_temporaries": peak - required, "target_peak_over_required": 1.5,
-                         "step_alone_peak": step_peak, "step_alone_peak_over_required": {name: value / required for name, value in step_peak.items()},
-                         "cached_required_total": cached["required"], "cached_step_alone_peak": cached["step_peak"],
-                         "cached_step_alone_peak_over_required": {name: value / cached["required"] for name, value in cached["step_peak"].items()}},
+                         "step_alone_peak": step_peak, "step_alone_peak_over_required": {name: value / required for name, value in step_peak.items()}},
         "memory_measure": "CUDA max_memory_allocated" if args.device.startswith("cuda") else
                           "CPU resident set size sampled every 2 ms, minus the process before loading models and the separate-timing copy",
         "machine": machine(),
@@ -256,7 +213,7 @@ def main() -> None:
         f"| **required total** | {required / gib:.3f} |", f"| **peak during the KD step** | {peak / gib:.3f} |",
         f"| peak − required (activations, logits, temporaries) | {(peak - required) / gib:.3f} |"]
     markdown = "\n".join([
-        "# Distillation speed and memory", "", f"Command: `python benchmarks/bench_distill_speed.py {' '.join(sys.argv[1:])}`", "",
+        "# Distillation speed and memory", "",
         f"Teacher {args.teacher}; student {payload['student']} ({payload['student_parameters'] / 1e6:.1f}M parameters); "
         f"micro-batch {args.micro_batch_size} x {args.seq_len} tokens; {args.rounds} alternating rounds, medians; "
         f"{machine()['torch_threads']} torch threads on {machine()['cpu_count']} cores ({args.device}).", "",
@@ -268,11 +225,6 @@ def main() -> None:
         "| student activations | peak GiB | peak / required | target ≤ 1.5 |", "|---|---|---|---|",
         *[f"| {name.replace('_', ' ')} | {value / gib:.3f} | {value / required:.2f} | {'met' if value / required <= 1.5 else 'NOT met'} |"
           for name, value in step_peak.items()],
-        "", f"The same step from a teacher cache (top-{DistillConfig.model_fields['teacher_cache_top_k'].default} entries, as the main job's recipe trains: "
-        f"no teacher forward; what must exist is the student's weights, gradients and AdamW moments, {cached['required'] / gib:.3f} GiB):", "",
-        "| student activations | peak GiB | peak / required | target ≤ 1.5 |", "|---|---|---|---|",
-        *[f"| {name.replace('_', ' ')} | {value / gib:.3f} | {value / cached['required']:.2f} | {'met' if value / cached['required'] <= 1.5 else 'NOT met'} |"
-          for name, value in cached["step_peak"].items()],
     ])
     write_results("distill_speed", payload, markdown)
     print(markdown)
