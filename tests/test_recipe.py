@@ -1,10 +1,12 @@
 """Recipes: every shipped recipe validates, overrides apply, invalid fields are named."""
 
+import re
+
 import pytest
 import yaml
 
 from toolchain.errors import UserError
-from toolchain.recipe import builtin_recipe_names, describe_plan, load_recipe, schema_reference
+from toolchain.recipe import builtin_recipe_names, describe_plan, load_recipe, recipe_field_namer, schema_reference
 
 
 def test_builtin_recipes_exist():
@@ -125,3 +127,31 @@ def test_every_setting_reaches_the_help_and_the_docs(cli):
     for section in ("prune", "importance", "data", "compute"):
         for name in SECTIONS[section].model_fields:
             assert field_flag(SECTIONS[section], name) in help_text, name
+
+
+def test_a_students_distill_fields_lay_over_the_recipes():
+    recipe = load_recipe("smollm2-135m-minitron", ["distill.lr=2e-3", "distill.min_lr=2e-4"])
+    width, depth = (recipe.student_distill(recipe.student(name)) for name in ("width", "depth"))
+    assert (width.lr, depth.lr) == (2e-3, 2e-3)  # a recipe-level override reaches the student with its own section
+    assert (width.tokens, depth.tokens) == (recipe.distill.tokens, 49152)
+    assert depth.teacher_cache == recipe.distill.teacher_cache == "teacher-cache"
+
+    by_steps = load_recipe("smollm2-135m-minitron", ["students.depth.distill={steps: 5}", "students.width.distill.lr=5e-4"])
+    assert by_steps.student_distill(by_steps.student("depth")).model_dump(include={"steps", "tokens"}) == {"steps": 5, "tokens": None}
+    assert by_steps.student_distill(by_steps.student("width")).lr == 5e-4 and by_steps.distill.lr == 1e-3
+
+
+@pytest.mark.parametrize("override,message", [
+    ("students.depth.distill.lr=0", "invalid recipe: students.depth.distill.lr: Input should be greater than 0"),
+    ("students.depth.distill.bogus=1", "invalid recipe: students.depth.distill.bogus: Extra inputs are not permitted"),
+    ("students.depth.distill.min_lr=1", "invalid recipe: students.depth.distill: min_lr must not exceed lr"),
+])
+def test_an_invalid_student_distill_field_is_named(override, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_recipe("smollm2-135m-minitron", [override])
+
+
+def test_errors_name_the_student_field_only_where_the_student_sets_it():
+    recipe = load_recipe("smollm2-135m-minitron")
+    name = recipe_field_namer(recipe, recipe.student("depth"))
+    assert (name("distill.tokens"), name("training.lr")) == ("students.depth.distill.tokens", "distill.lr")

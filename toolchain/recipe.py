@@ -8,6 +8,7 @@ name: `students.width.prune.hidden_size=432`). Not here: running it (toolchain/p
 
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -42,7 +43,8 @@ class TeacherConfig(Section):
 class StudentConfig(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Student name; its outputs go to OUTPUT_DIR/students/NAME.")
     prune: PruneConfig = Field(default_factory=PruneConfig, description="Pruned architecture of this student.")
-    distill: DistillConfig | None = Field(None, description="Distillation settings for this student; none uses the recipe's `distill`.")
+    distill: dict[str, Any] = Field(default_factory=dict, description="Fields of the recipe's `distill` this student sets otherwise (e.g. {tokens: 49152}); "
+                                                                     "the rest, and later --set distill.FIELD overrides, come from the recipe's.")
     search: SearchConfig | None = Field(None, description="Choose this student's shape by a search under a budget (`minitron search`) instead of "
                                                           "fixed prune targets; the chosen candidate is then distilled like any student.")
 
@@ -82,11 +84,28 @@ class Recipe(Section):
             raise ValueError("a student cannot be named 'teacher' (the teacher's rows and engine go by that name)")
         return self
 
+    @model_validator(mode="after")
+    def valid_student_distill(self):
+        for student in self.students:
+            self.student_distill(student)
+        return self
+
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir.replace("{name}", self.name))
 
     def student_distill(self, student: StudentConfig) -> DistillConfig:
-        return student.distill or self.distill
+        """The recipe's `distill` with the student's own fields laid over it (a budget set there replaces the other budget)."""
+        if not student.distill:
+            return self.distill
+        merged = {**self.distill.model_dump(), **student.distill}
+        for budget, other in (("tokens", "steps"), ("steps", "tokens")):
+            if budget in student.distill and other not in student.distill:
+                merged[other] = None
+        try:
+            return DistillConfig.model_validate(merged)
+        except ValidationError as exc:
+            field, message = validation_message(exc)
+            raise ValueError(f"students.{student.name}.distill.{field}: {message}" if field else f"students.{student.name}.distill: {message}") from None
 
     def student(self, name: str | None) -> StudentConfig:
         """A student by name; with no name, the only student."""
@@ -119,13 +138,12 @@ def recipe_field_namer(recipe: Recipe, student: StudentConfig | None = None, cor
     """How errors name a setting during a recipe run: the recipe field to change (`students.width.prune.hidden_size`)."""
     def name(path: str) -> str:
         section, _, field = path.partition(".")
-        own_distill = student is not None and student.distill is not None
         if section in ("prune", "search") and student is not None:
             return f"students.{student.name}.{section}.{field}"
         if section == "training" and correcting_teacher and field in TeacherCorrectionConfig.model_fields:
             return f"teacher.correction.{field}"
         if section in ("training", "distill"):
-            return f"students.{student.name}.distill.{field}" if own_distill else f"distill.{field}"
+            return f"students.{student.name}.distill.{field}" if student is not None and field in student.distill else f"distill.{field}"
         if section == "correction":
             return f"teacher.correction.{field}"
         if section == "profile":
@@ -171,7 +189,7 @@ def load_recipe(recipe: str, overrides: list[str] | None = None) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         field, message = validation_message(exc)
-        raise UserError(f"invalid recipe field {field or '(recipe)'}: {message} (recipe {recipe})") from None
+        raise UserError(f"invalid recipe field {field}: {message} (recipe {recipe})" if field else f"invalid recipe: {message} (recipe {recipe})") from None
 
 
 # ---------------------------------------------------------------- reference and plan
