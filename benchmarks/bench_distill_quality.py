@@ -1,38 +1,44 @@
-"""Does distillation recover the pruned student? Distilled vs from-scratch vs pruned-before-distillation.
+"""Quality curves of a pruned student: online KD vs cached KD vs with the hidden-state loss vs from scratch.
 
-Three arms on the same architecture (the smollm2-135m width student: hidden 576→432, FFN 1536→768):
-- pruned: `minitron prune` output, before any training;
-- distilled: `minitron distill` of the pruned student from the teacher (logit KL) for --tokens;
-- scratch: the same architecture, random init, trained with the LM loss (`minitron finetune`) on the same tokens
-  with the same schedule.
-Each training run keeps a checkpoint at --points evenly spaced steps; every checkpoint is evaluated on
-the eval split (perplexity, KL(teacher || student), top-1 agreement). Teacher logits are recorded once and
-replayed to every evaluation (evaluate_model's teacher argument), which saves a teacher forward per point.
-Claims checked: distilled beats scratch at every point; distilled recovers most of the pruned→teacher gap.
+On one pruned student (the main job's width or depth student), each arm trains for --tokens with the
+main job's recipe settings (batch, lr, schedule) and keeps a checkpoint at --points evenly spaced steps:
+- online: `minitron distill`, logit KL with the teacher running beside the student (the reference);
+- cached: the same from a teacher-logit cache (top-k log-probs), built once before the arm and timed apart;
+- intermediate: online logit KL plus the cosine hidden-state loss over pruning.json's layer map (depth);
+- scratch: the same architecture, random init, LM loss only (`minitron finetune`), same tokens and schedule.
+Every checkpoint is evaluated on the eval split (perplexity, KL(teacher || student), top-1 agreement); its
+x-coordinate is the arm's training seconds up to that step (from train_log.jsonl), so the curves compare
+quality per CPU-second. Claims checked where the arms exist: distilled over scratch perplexity at the end,
+cached KD's tokens/s and KL against online KD's, and which of online / intermediate is better at each point.
 
-    python benchmarks/bench_distill_quality.py --tokens 16384 [--points 3] [--eval-batches 2] [--pruned DIR] [--threads 2]
+    python benchmarks/bench_distill_quality.py --student width --pruned runs/mainjob-final/students/width/pruned \
+        --arms online cached scratch --tokens 65536 --points 8 --work-dir runs/bench-distill-quality/width
+
+Writes benchmarks/results/distill_quality_STUDENT.{json,md,png}. A finished arm in --work-dir with the same
+settings is reused (only the evaluation runs again); one with other settings is an error.
 """
 
 import argparse
 import json
 import math
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from common import machine, pin_threads, write_results
+from common import RESULTS_DIR, machine, pin_threads, write_results
 from torch import nn
 
 from toolchain.data import prepare_data
-from toolchain.distill import distill
+from toolchain.distill import build_teacher_cache, distill
 from toolchain.evaluate import evaluate_model
 from toolchain.finetune import finetune
 from toolchain.models import load_model, load_tokenizer
 from toolchain.settings import ComputeConfig, DataConfig, DistillConfig, EvalConfig
+
+ARMS = ("online", "cached", "intermediate", "scratch")
+DISTILLED_ARMS = ("online", "cached", "intermediate")
 
 
 class RecordedTeacher(nn.Module):
@@ -53,13 +59,6 @@ class RecordedTeacher(nn.Module):
         return SimpleNamespace(logits=self.logits[key])
 
 
-def prune_student(teacher: str, data: str, out: Path, hidden_size: int, ffn_hidden_size: int, calibration_samples: int) -> Path:
-    command = [sys.executable, "-m", "toolchain", "prune", "--model", teacher, "--data", data, "--out", str(out),
-               "--hidden-size", str(hidden_size), "--ffn-hidden-size", str(ffn_hidden_size), "--calibration-samples", str(calibration_samples)]
-    subprocess.run(command, check=True)
-    return out
-
-
 def random_copy(pruned: Path, out: Path, seed: int) -> Path:
     """The pruned architecture with fresh random weights (and the same tokenizer)."""
     import shutil
@@ -75,32 +74,95 @@ def random_copy(pruned: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def checkpoint_models(run: Path):
-    """(tokens, model) for every checkpoint a training run kept, in order."""
+def arm_settings(arm: str, base: DistillConfig, cache_dir: Path) -> DistillConfig:
+    if arm == "cached":
+        return base.model_copy(update={"teacher_cache": str(cache_dir)})
+    if arm == "intermediate":
+        return base.model_copy(update={"intermediate_loss": "cosine", "intermediate_loss_weight": 1.0})
+    return base
+
+
+def reusable(run: Path, settings: dict) -> bool:
+    """True when `run` is a finished training run with `settings` (the identity fields run.json keeps); an error when it has others."""
+    if not (run / "eval.json").is_file():
+        return False
+    recorded = json.loads((run / "run.json").read_text())["settings"]
+    differing = sorted(key for key in recorded if recorded[key] != json.loads(json.dumps(settings)).get(key, recorded[key]))
+    if differing:
+        raise SystemExit(f"{run} was trained with other settings ({', '.join(differing)}); use another --work-dir or remove it")
+    return True
+
+
+def checkpoint_points(run: Path, tokens_per_step: int):
+    """(step, tokens, training seconds up to that step, model) for every checkpoint a training run kept, in order."""
     from transformers import AutoModelForCausalLM
 
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    step_seconds = {record["step"]: tokens_per_step / record["tokens_per_second"] for record in log}
     for checkpoint in sorted((run / "checkpoints").iterdir()):
         trainer = torch.load(checkpoint / "trainer.pt", weights_only=True)
-        yield trainer["tokens"], AutoModelForCausalLM.from_pretrained(checkpoint / "student", dtype=torch.float32).eval()
+        seconds = sum(value for step, value in step_seconds.items() if step <= trainer["step"])
+        yield trainer["step"], trainer["tokens"], seconds, AutoModelForCausalLM.from_pretrained(checkpoint / "student", dtype=torch.float32).eval()
+
+
+def claims(results: dict, teacher_ppl: float) -> list[str]:
+    """The comparisons the arms present allow, as Markdown bullet lines."""
+    lines = []
+    end = {arm: points[-1] for arm, points in results["arms"].items()}
+    if "online" in end and "scratch" in end:
+        lines.append(f"- distilled (online) vs from scratch at {end['online']['train_tokens']:,} tokens: perplexity "
+                     f"{end['scratch']['perplexity'] / end['online']['perplexity']:.0f}x lower (issue 13's target: at least 20x)")
+    if "online" in end and "cached" in end:
+        speed = results["tokens_per_second"]["cached"] / results["tokens_per_second"]["online"]
+        kl = end["cached"]["kl"] / end["online"]["kl"] - 1
+        lines.append(f"- cached vs online KD: {speed:.2f}x the training tokens/s (target 1.4x), final KL {kl:+.1%} (target within 3%); "
+                     f"the cache took {results['seconds'].get('teacher_cache', 0):.0f} s to build, once for every student and epoch")
+    if "online" in end and "intermediate" in end:
+        online_at = {point["train_tokens"]: point for point in results["arms"]["online"]}
+        pairs = [(online_at[point["train_tokens"]], point) for point in results["arms"]["intermediate"] if point["train_tokens"] in online_at]
+        wins = sum(intermediate["perplexity"] < online["perplexity"] for online, intermediate in pairs)
+        lines.append(f"- with the hidden-state loss vs logit-only at equal tokens: lower perplexity at {wins} of "
+                     f"{len(pairs)} points; at the end {end['intermediate']['perplexity'] / teacher_ppl:.2f}x vs "
+                     f"{end['online']['perplexity'] / teacher_ppl:.2f}x the teacher's perplexity")
+    return lines
+
+
+def plot(results: dict, teacher_ppl: float, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4))
+    for arm, points in results["arms"].items():
+        axis.plot([point["train_seconds"] / 60 for point in points], [point["perplexity"] / teacher_ppl for point in points], marker="o", label=arm)
+    axis.set_yscale("log")
+    axis.set_xlabel("training minutes (2 threads)")
+    axis.set_ylabel("eval perplexity / teacher's")
+    axis.set_title(title, fontsize=10)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", required=True, help="name of the student in the results (e.g. width, depth)")
+    parser.add_argument("--pruned", type=Path, required=True, help="the pruned student (e.g. runs/mainjob-final/students/width/pruned)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=["online", "scratch"])
     parser.add_argument("--teacher", default="smollm2-135m")
     parser.add_argument("--data", default="builtin:python-docs")
     parser.add_argument("--tokens", type=int, required=True, help="training budget of each arm")
-    parser.add_argument("--points", type=int, default=3, help="evaluation points along the budget")
-    parser.add_argument("--pruned", type=Path, help="an existing pruned student (default: run `minitron prune`)")
-    parser.add_argument("--hidden-size", type=int, default=432)
-    parser.add_argument("--ffn-hidden-size", type=int, default=768)
-    parser.add_argument("--calibration-samples", type=int, default=64)
-    parser.add_argument("--global-batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--min-lr", type=float, default=3e-5)
-    parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--eval-batches", type=int, default=2, help="eval batches of 8 sequences at each point")
+    parser.add_argument("--points", type=int, default=4, help="evaluation points along the budget")
+    parser.add_argument("--global-batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--min-lr", type=float, default=1e-4)
+    parser.add_argument("--warmup-steps", type=int, help="default: the run's warmup_fraction, as in the main job")
+    parser.add_argument("--eval-batches", type=int, default=8, help="eval batches of 8 sequences at each point (8: the main job's report rows)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--teacher-cache", type=Path, help="the cached arm's cache (default: WORK_DIR/teacher-cache); share it between students")
     parser.add_argument("--work-dir", type=Path, help="where runs go (default: a temporary directory, removed at the end)")
     args = parser.parse_args()
     pin_threads(args.threads)
@@ -109,73 +171,86 @@ def main() -> None:
     work = Path(work_context.name) if work_context else args.work_dir
     work.mkdir(parents=True, exist_ok=True)
 
-    seconds = {}
-    begun = time.perf_counter()
-    pruned = args.pruned or prune_student(args.teacher, args.data, work / "pruned", args.hidden_size, args.ffn_hidden_size, args.calibration_samples)
-    seconds["prune"] = time.perf_counter() - begun
-    scratch_init = work / "scratch-init" if (work / "scratch-init" / "config.json").is_file() else random_copy(pruned, work / "scratch-init", seed=0)
     steps = math.ceil(args.tokens / (args.global_batch_size * args.seq_len))
     save_every = max(1, math.ceil(steps / args.points))
-    config = DistillConfig(tokens=args.tokens, global_batch_size=args.global_batch_size, micro_batch_size=4, lr=args.lr, min_lr=args.min_lr,
-                           warmup_steps=args.warmup_steps, save_every=save_every, keep_checkpoints=args.points + 1)
+    base = DistillConfig(tokens=args.tokens, global_batch_size=args.global_batch_size, micro_batch_size=4, lr=args.lr, min_lr=args.min_lr,
+                         warmup_steps=args.warmup_steps, save_every=save_every, keep_checkpoints=args.points + 1)
     data, compute, final_eval = DataConfig(spec=args.data, seq_len=args.seq_len), ComputeConfig(dtype="float32", device="cpu"), EvalConfig(max_batches=1)
-    for arm, train_arm in (("distilled", lambda out: distill(args.teacher, str(pruned), out, config, data, compute, final_eval)),
-                           ("scratch", lambda out: finetune(str(scratch_init), out, config.training(), data, compute, final_eval))):
-        finished = work / arm / "eval.json"  # a finished arm in --work-dir is reused: only the evaluation runs again
-        summary = json.loads(finished.read_text()) if finished.is_file() else train_arm(work / arm)
-        seconds[arm] = summary["train_seconds"]
+    cache_dir = args.teacher_cache or work / "teacher-cache"
+    seconds = {}
+    for arm in args.arms:
+        settings = arm_settings(arm, base, cache_dir)
+        run = work / arm
+        if reusable(run, settings.training().model_dump(mode="json") if arm == "scratch" else settings.model_dump(mode="json")):
+            continue
+        if arm == "cached":
+            begun = time.perf_counter()
+            build_teacher_cache(args.teacher, [settings], data, compute)
+            seconds["teacher_cache"] = time.perf_counter() - begun
+        if arm == "scratch":
+            init = work / "scratch-init" if (work / "scratch-init" / "config.json").is_file() else random_copy(args.pruned, work / "scratch-init", seed=0)
+            finetune(str(init), run, settings.training(), data, compute, final_eval)
+        else:
+            distill(args.teacher, str(args.pruned), run, settings, data, compute, final_eval)
 
     begun = time.perf_counter()
-    teacher_model = load_model(args.teacher)
-    rows = prepare_data(DataConfig(spec=args.data, seq_len=args.seq_len), load_tokenizer(args.teacher)).split("eval")
-    teacher = RecordedTeacher(teacher_model, rows, 8, args.eval_batches)
+    rows = prepare_data(data, load_tokenizer(args.teacher)).split("eval")
+    teacher = RecordedTeacher(load_model(args.teacher), rows, 8, args.eval_batches)
 
     def measure(model) -> dict:
         metrics = evaluate_model(model, rows, EvalConfig(max_batches=args.eval_batches), teacher=teacher)
         return {key: metrics[key] for key in ("loss", "perplexity", "kl", "top1_agreement", "teacher_perplexity")}
 
-    results = {"pruned": measure(load_model(pruned)), "scratch_init": measure(load_model(scratch_init)), "distilled": [], "scratch": []}
-    for arm, run in (("distilled", work / "distilled"), ("scratch", work / "scratch")):
-        for tokens, model in checkpoint_models(run):
-            results[arm].append({"train_tokens": tokens, **measure(model)})
+    pruned = measure(load_model(args.pruned))
+    teacher_ppl = pruned["teacher_perplexity"]
+    results = {"pruned": pruned, "arms": {}, "tokens_per_second": {}}
+    for arm in args.arms:
+        points = []
+        for step, tokens, train_seconds, model in checkpoint_points(work / arm, args.global_batch_size * args.seq_len):
+            point = {"step": step, "train_tokens": tokens, "train_seconds": train_seconds, **measure(model)}
+            if arm in DISTILLED_ARMS:
+                point["gap_recovered"] = (pruned["loss"] - point["loss"]) / (pruned["loss"] - math.log(teacher_ppl))
+            points.append(point)
+        results["arms"][arm] = points
+        results["tokens_per_second"][arm] = points[-1]["train_tokens"] / points[-1]["train_seconds"]
     seconds["eval"] = time.perf_counter() - begun
-    teacher_ppl = results["pruned"]["teacher_perplexity"]
-    teacher_loss = math.log(teacher_ppl)
-    pruned_loss = results["pruned"]["loss"]
-    for point in results["distilled"]:
-        point["gap_recovered"] = (pruned_loss - point["loss"]) / (pruned_loss - teacher_loss)
-    beats = all(d["perplexity"] < s["perplexity"] for d, s in zip(results["distilled"], results["scratch"]))
-    final_recovery = results["distilled"][-1]["gap_recovered"]
     seconds["total"] = time.perf_counter() - started
+    results["seconds"] = seconds
+    checked = claims(results, teacher_ppl)
+    name = f"distill_quality_{args.student}"
+    command = "python benchmarks/bench_distill_quality.py " + " ".join(
+        [f"--student {args.student}", f"--pruned {args.pruned}", "--arms " + " ".join(args.arms), f"--tokens {args.tokens}", f"--points {args.points}"]
+        + ([f"--teacher-cache {args.teacher_cache}"] if args.teacher_cache else []) + ([f"--work-dir {args.work_dir}"] if args.work_dir else []))
     payload = {
-        "benchmark": "distilled vs from-scratch vs pruned student, smollm2-135m width student",
-        "teacher": args.teacher, "data": args.data, "budget_tokens": args.tokens, "steps": steps, "save_every": save_every,
-        "training": config.model_dump(mode="json"), "eval": {"sequences": min(len(rows), 8 * args.eval_batches), "seq_len": args.seq_len},
-        "pruned_student": str(pruned) if args.pruned else f"minitron prune --hidden-size {args.hidden_size} --ffn-hidden-size {args.ffn_hidden_size} --calibration-samples {args.calibration_samples}",
-        "teacher_perplexity": teacher_ppl, "results": results,
-        "distilled_beats_scratch_at_every_point": beats, "gap_recovered_at_end": final_recovery,
-        "seconds": seconds, "machine": machine(),
+        "benchmark": f"quality curves of the {args.student} student: " + ", ".join(args.arms), "command": command,
+        "teacher": args.teacher, "data": args.data, "pruned_student": str(args.pruned), "budget_tokens": args.tokens, "steps": steps,
+        "save_every": save_every, "training": base.model_dump(mode="json"),
+        "eval": {"sequences": min(len(rows), 8 * args.eval_batches), "seq_len": args.seq_len},
+        "teacher_perplexity": teacher_ppl, "results": results, "claims": checked, "machine": machine(),
     }
     lines = [
-        "# Distillation quality: smollm2-135m width student (hidden 432, FFN 768)", "",
+        f"# Distillation quality curves: the {args.student} student ({args.pruned})", "",
+        f"Command: `{command}`", "",
         f"Budget {args.tokens:,} tokens per arm ({steps} steps of {args.global_batch_size} x {args.seq_len}), lr {args.lr} → {args.min_lr} "
-        f"(warm-up {args.warmup_steps}), {args.data}; eval on {payload['eval']['sequences']} held-out sequences of {args.seq_len}; "
-        f"{machine()['torch_threads']} torch threads on {machine()['cpu_count']} cores; total {seconds['total'] / 60:.1f} min.", "",
-        f"Teacher perplexity {teacher_ppl:.2f}. Pruned student before distillation: perplexity {results['pruned']['perplexity']:,.1f}, "
-        f"KL {results['pruned']['kl']:.3f}, top-1 {results['pruned']['top1_agreement']:.1%}. "
-        f"Random init: perplexity {results['scratch_init']['perplexity']:,.1f}.", "",
-        "| tokens | distilled ppl | distilled KL | distilled top-1 | gap recovered | scratch ppl | scratch KL |", "|---|---|---|---|---|---|---|",
+        f"(cosine, warm-up {base.warmup_for(steps)} steps), {args.data}; eval on {payload['eval']['sequences']} held-out sequences of "
+        f"{args.seq_len} at every {save_every} steps; {machine()['torch_threads']} torch threads on {machine()['cpu_count']} cores, "
+        f"one run; total {seconds['total'] / 60:.1f} min. Training seconds are the arm's own step times (train_log.jsonl), "
+        "so the x-axis is CPU time on these 2 cores (the cached arm's teacher pass is listed apart).", "",
+        f"Teacher perplexity {teacher_ppl:.2f}. Pruned student before training: perplexity {pruned['perplexity']:,.1f} "
+        f"({pruned['perplexity'] / teacher_ppl:.1f}x), KL {pruned['kl']:.3f}, top-1 {pruned['top1_agreement']:.1%}.", "",
+        f"![quality curves]({name}.png)", "",
+        "| arm | tokens | training s | perplexity | x teacher | KL | top-1 | gap recovered |", "|---|---|---|---|---|---|---|---|",
     ]
-    for d, s in zip(results["distilled"], results["scratch"]):
-        lines.append(f"| {d['train_tokens']:,} | {d['perplexity']:,.2f} | {d['kl']:.3f} | {d['top1_agreement']:.1%} | {d['gap_recovered']:.1%} | "
-                     f"{s['perplexity']:,.1f} | {s['kl']:.3f} |")
-    lines += ["", f"Distilled beats from-scratch at every point: **{'yes' if beats else 'no'}**. "
-                  f"Share of the pruned→teacher loss gap recovered at the end: **{final_recovery:.1%}** "
-                  "(gap recovered = (loss_pruned − loss_distilled) / (loss_pruned − loss_teacher), in nats/token).",
-              "", "Seconds (training seconds of each arm as that run measured them): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
-    write_results("distill_quality", payload, "\n".join(lines))
+    for arm, points in results["arms"].items():
+        for point in points:
+            recovered = f"{point['gap_recovered']:.1%}" if "gap_recovered" in point else "—"
+            lines.append(f"| {arm} | {point['train_tokens']:,} | {point['train_seconds']:.0f} | {point['perplexity']:,.2f} | "
+                         f"{point['perplexity'] / teacher_ppl:.2f} | {point['kl']:.3f} | {point['top1_agreement']:.1%} | {recovered} |")
+    lines += ["", "Training tokens/s: " + ", ".join(f"{arm} {value:.0f}" for arm, value in results["tokens_per_second"].items()), "",
+              "Gap recovered = (loss_pruned − loss) / (loss_pruned − loss_teacher), in nats/token.", "", "## Claims", "", *checked]
+    write_results(name, payload, "\n".join(lines))
+    plot(results, teacher_ppl, f"{args.student} student: eval perplexity over the teacher's", RESULTS_DIR / f"{name}.png")
     print("\n".join(lines))
-    print(json.dumps({"beats": beats, "gap_recovered": final_recovery}))
     if work_context:
         work_context.cleanup()
 

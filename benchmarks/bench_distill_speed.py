@@ -10,7 +10,9 @@ teacher and student weights, the student's gradients and AdamW's two moment buff
 the whole process (RSS above the process before any model loaded: also counts ModelOpt's and the
 libraries' own memory) and the step alone (RSS above the RSS just before the step, after freed heap
 memory is handed back with malloc_trim, added to what must exist). Measured without and with the
-student's gradient checkpointing (memory only for the latter).
+student's gradient checkpointing (memory only for the latter), for online KD and for KD from the teacher-logit
+cache (the student alone against the teacher's top-k log-probs of the batch; what must exist is then the
+student's weights, gradients and AdamW moments).
 
 The student is a random-init copy of the teacher config sliced to --hidden-size / --ffn-hidden-size
 (the smollm2 width student's shape) unless --student names a checkpoint; speed does not depend on weights.
@@ -22,17 +24,20 @@ import argparse
 import ctypes
 import gc
 import statistics
+import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import torch
 from common import machine, pin_threads, write_results
 
 from toolchain.data import iterate_batches, prepare_data
-from toolchain.distill import build_distillation, layer_mapping
-from toolchain.losses import next_token_nll
+from toolchain.distill import build_distillation, cached_kd_loss_function, layer_mapping
+from toolchain.losses import next_token_nll, pass_hidden_states, restore_lm_head
 from toolchain.models import load_config, load_model, load_tokenizer
 from toolchain.settings import DataConfig, DistillConfig
+from toolchain.teacher_cache import teacher_entries
 from toolchain.training import prepare_student
 
 
@@ -96,6 +101,14 @@ def timed(function) -> float:
     return time.perf_counter() - started
 
 
+def measured_step(memory: PeakMemory, step) -> tuple[float, int]:
+    """Seconds of `step`, and how far memory rises above its settled level while it runs."""
+    before = memory.settled()
+    with memory:
+        seconds = timed(step)
+    return seconds, memory.peak - before
+
+
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -133,8 +146,8 @@ def main() -> None:
         compute_loss(distill_model, input_ids)["loss"].backward()
 
     @torch.no_grad()
-    def teacher_forward():
-        teacher(input_ids=input_ids, use_cache=False).logits.sum().item()
+    def teacher_forward():  # with its lm_head: the KD step forms the teacher's logits from its hidden states chunk by chunk
+        (teacher(input_ids=input_ids, use_cache=False).logits @ teacher.lm_head.weight.T).sum().item()
         # ModelOpt's capture hook on the teacher's lm_head kept these logits; drop them so they do not count in the KD peak
         teacher.lm_head._intermediate_output = None
 
@@ -165,10 +178,29 @@ def main() -> None:
     checkpointed_increments = []
     for _ in range(2):
         distill_model.zero_grad(set_to_none=False)
-        before = memory.settled()
-        with memory:
-            kd_step()
-        checkpointed_increments.append(memory.peak - before)
+        checkpointed_increments.append(measured_step(memory, kd_step)[1])
+
+    # KD from the teacher-logit cache: the plain student alone against the teacher's top-k of this batch (what the cache holds)
+    restore_lm_head(teacher)
+    with torch.no_grad():
+        targets = [torch.from_numpy(array).to(args.device) for array in teacher_entries(teacher, input_ids, config.teacher_cache_top_k, config.temperature)]
+    cached_loss = cached_kd_loss_function(SimpleNamespace(targets=lambda ids: targets), config, pass_hidden_states(plain_student))
+
+    def cached_step():
+        cached_loss(plain_student, input_ids)["loss"].backward()
+
+    cached_step()  # creates the gradients
+    cached_seconds, cached_increments = [], []
+    for _ in range(args.rounds):
+        plain_student.zero_grad(set_to_none=False)
+        seconds, increment = measured_step(memory, cached_step)
+        cached_seconds.append(seconds)
+        cached_increments.append(increment)
+    plain_student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cached_checkpointed_increments = []
+    for _ in range(2):
+        plain_student.zero_grad(set_to_none=False)
+        cached_checkpointed_increments.append(measured_step(memory, cached_step)[1])
 
     tokens = input_ids.numel()
     kd, teacher_s, student_s = (statistics.median(x) for x in (kd_seconds, teacher_seconds, student_seconds))
@@ -185,7 +217,13 @@ def main() -> None:
     extra_copy = tensor_bytes(plain_student.parameters())
     required = sum(must_exist.values())
     peak = statistics.median(peaks) - baseline - extra_copy
-    step_peak = {"plain": required + statistics.median(step_increments), "gradient_checkpointing": required + min(checkpointed_increments[1:])}
+    cached_required = sum(value for name, value in must_exist.items() if name != "teacher_weights")
+    step_peak = {"online KD": required + statistics.median(step_increments),
+                 "online KD, gradient checkpointing": required + min(checkpointed_increments[1:]),
+                 "cached KD": cached_required + statistics.median(cached_increments),
+                 "cached KD, gradient checkpointing": cached_required + min(cached_checkpointed_increments[1:])}
+    step_required = {name: cached_required if name.startswith("cached") else required for name in step_peak}
+    cached = statistics.median(cached_seconds)
     gib = 1024 ** 3
     payload = {
         "benchmark": "distillation step vs teacher forward + student forward/backward; peak memory vs must-exist state",
@@ -194,10 +232,11 @@ def main() -> None:
         "micro_batch": [args.micro_batch_size, args.seq_len], "tokens_per_step": tokens, "loss_chunk_tokens": args.loss_chunk_tokens, "rounds": args.rounds,
         "kd_step_seconds": kd_seconds, "teacher_forward_seconds": teacher_seconds, "student_forward_backward_seconds": student_seconds,
         "kd_over_parts": ratio, "target_kd_over_parts": 1.10, "within_target": ratio <= 1.10,
-        "kd_tokens_per_second": tokens / kd,
+        "kd_tokens_per_second": tokens / kd, "cached_kd_step_seconds": cached_seconds, "cached_kd_tokens_per_second": tokens / cached,
         "memory_bytes": {**must_exist, "required_total": required, "peak_during_kd_step": peak, "peak_over_required": peak / required,
                          "activations_and_temporaries": peak - required, "target_peak_over_required": 1.5,
-                         "step_alone_peak": step_peak, "step_alone_peak_over_required": {name: value / required for name, value in step_peak.items()}},
+                         "step_alone_peak": step_peak, "step_alone_required": step_required,
+                         "step_alone_peak_over_required": {name: value / step_required[name] for name, value in step_peak.items()}},
         "memory_measure": "CUDA max_memory_allocated" if args.device.startswith("cuda") else
                           "CPU resident set size sampled every 2 ms, minus the process before loading models and the separate-timing copy",
         "machine": machine(),
@@ -208,12 +247,13 @@ def main() -> None:
         f"| teacher forward alone | {teacher_s:.2f} | {tokens / teacher_s:,.0f} |",
         f"| student forward/backward alone (LM loss) | {student_s:.2f} | {tokens / student_s:,.0f} |",
         f"| sum of the parts | {teacher_s + student_s:.2f} | {tokens / (teacher_s + student_s):,.0f} |",
+        f"| KD step from the teacher-logit cache (top-{config.teacher_cache_top_k}, student alone) | {cached:.2f} | {tokens / cached:,.0f} |",
     ]
     memory_md = ["| memory | GiB |", "|---|---|"] + [f"| {name.replace('_', ' ')} | {value / gib:.3f} |" for name, value in must_exist.items()] + [
         f"| **required total** | {required / gib:.3f} |", f"| **peak during the KD step** | {peak / gib:.3f} |",
         f"| peak − required (activations, logits, temporaries) | {(peak - required) / gib:.3f} |"]
     markdown = "\n".join([
-        "# Distillation speed and memory", "",
+        "# Distillation speed and memory", "", f"Command: `{' '.join(['python benchmarks/bench_distill_speed.py', *sys.argv[1:]])}`", "",
         f"Teacher {args.teacher}; student {payload['student']} ({payload['student_parameters'] / 1e6:.1f}M parameters); "
         f"micro-batch {args.micro_batch_size} x {args.seq_len} tokens; {args.rounds} alternating rounds, medians; "
         f"{machine()['torch_threads']} torch threads on {machine()['cpu_count']} cores ({args.device}).", "",
@@ -221,10 +261,11 @@ def main() -> None:
         f"**KD step / (teacher forward + student forward/backward) = {ratio:.3f}** (target ≤ 1.10: {'met' if ratio <= 1.10 else 'NOT met'}).", "",
         *memory_md, "",
         f"Whole process: peak / required = {peak / required:.2f}. Memory measured as {payload['memory_measure']}.", "",
-        "The step alone (what must exist + the step's own peak above the memory before it, freed heap handed back first):", "",
-        "| student activations | peak GiB | peak / required | target ≤ 1.5 |", "|---|---|---|---|",
-        *[f"| {name.replace('_', ' ')} | {value / gib:.3f} | {value / required:.2f} | {'met' if value / required <= 1.5 else 'NOT met'} |"
-          for name, value in step_peak.items()],
+        "The step alone (what must exist + the step's own peak above the memory before it, freed heap handed back first; "
+        "from the cache, what must exist is the student's weights, gradients and AdamW moments, no teacher):", "",
+        "| KD step | required GiB | peak GiB | peak / required | target ≤ 1.5 |", "|---|---|---|---|---|",
+        *[f"| {name} | {step_required[name] / gib:.3f} | {value / gib:.3f} | {value / step_required[name]:.2f} | "
+          f"{'met' if value / step_required[name] <= 1.5 else 'NOT met'} |" for name, value in step_peak.items()],
     ])
     write_results("distill_speed", payload, markdown)
     print(markdown)

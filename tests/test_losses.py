@@ -41,6 +41,21 @@ def test_chunked_kl_equals_modelopts_whole_batch_kl_in_value_and_gradients(chunk
         torch.testing.assert_close(grad, 3 * reference_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_tokens", [3, 1000])
+def test_chunked_kl_from_both_sides_hidden_states_equals_the_whole_batch_kl(chunk_tokens):
+    """The teacher's head fused too: its logits are formed chunk by chunk from its hidden states, never whole."""
+    states, linear = head_and_hidden()
+    teacher_states, teacher_linear = head_and_hidden(seed=7)
+    reference = modelopt("distill").LogitsDistillationLoss(temperature=2.0, reduction="none")(linear(states), teacher_linear(teacher_states)).mean()
+    expected = torch.autograd.grad(reference, [states, linear.weight])
+    chunked = TokenKLLoss(2.0, chunk_tokens, HiddenStatesHead(linear), HiddenStatesHead(teacher_linear))(states, teacher_states)
+    grads = torch.autograd.grad(chunked, [states, linear.weight, teacher_states, teacher_linear.weight], allow_unused=True)
+    assert chunked.item() == pytest.approx(reference.item(), rel=1e-5)
+    for grad, reference_grad in zip(grads, expected):
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-6)
+    assert grads[2] is None and grads[3] is None  # nothing flows into the teacher
+
+
 def test_chunked_next_token_nll_equals_the_whole_batch_one():
     states, linear = head_and_hidden()
     input_ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(1))
@@ -85,6 +100,7 @@ def test_kd_step_of_a_tiny_model_equals_the_whole_batch_losses(make_tiny_model):
     config = DistillConfig(steps=1, loss_chunk_tokens=5, lm_loss_weight=0.5)
     student = AutoModelForCausalLM.from_pretrained(student_dir).train()
     model, compute_loss = build_distillation(teacher, student, config, [])
+    assert isinstance(teacher.lm_head, HiddenStatesHead)  # the teacher's logits, too, exist only chunk by chunk
     losses = compute_loss(model, input_ids)
     losses["loss"].backward()
     assert losses["logit_kl"].item() == pytest.approx(kl.item(), rel=1e-5)
@@ -99,6 +115,8 @@ def test_kd_step_of_a_tiny_model_equals_the_whole_batch_losses(make_tiny_model):
     exported = restore_lm_head(modelopt("distill").export(model))
     assert type(exported.lm_head) is torch.nn.Linear
     torch.testing.assert_close(exported(input_ids=input_ids).logits, logits, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(restore_lm_head(teacher)(input_ids=input_ids).logits, teacher_logits)
 
 
 def full_kl(student_logits, teacher_logits, temperature=1.0):

@@ -37,20 +37,27 @@ log = logging.getLogger(__name__)
 class TokenKLLoss(_Loss):
     """ModelOpt's logit KL in float32, averaged per token (its own 'mean' also divides by the vocabulary), in chunks of tokens.
 
-    It receives the student's final hidden states (its lm_head is a `HiddenStatesHead` during KD) and the
-    teacher's logits, and forms the student's logits `chunk_tokens` at a time from the head's weight, so
-    no [batch, seq, vocab] copy of the student's side exists (see `toolchain.losses`).
+    It receives the student's and the teacher's final hidden states (both lm_heads are `HiddenStatesHead`s
+    during KD) and forms both sides' logits `chunk_tokens` at a time from the heads' weights, so no
+    [batch, seq, vocab] copy of either side exists (see `toolchain.losses`). A head given as None means
+    that side's input is its logits already (FSDP shards the heads' weights).
     """
 
-    def __init__(self, temperature: float, chunk_tokens: int, student_head: HiddenStatesHead | None):
+    def __init__(self, temperature: float, chunk_tokens: int, student_head: HiddenStatesHead | None, teacher_head: HiddenStatesHead | None = None):
         super().__init__()
         self.kl = modelopt("distill").LogitsDistillationLoss(temperature=temperature, reduction="none")
         self.chunk_tokens = chunk_tokens
-        self.student_head = (student_head,)  # a tuple, so the criterion does not register the student's weight as its own
+        self.heads = (student_head, teacher_head)  # a tuple, so the criterion does not register the models' weights as its own
 
-    def forward(self, student_hidden: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return chunked_token_mean(student_hidden, head_weight(self.student_head[0]), lambda logits, teacher: self.kl(logits, teacher.float()),
-                                  teacher_logits, chunk_tokens=self.chunk_tokens)
+    def forward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+        teacher_weight = head_weight(self.heads[1])
+
+        def token_kl(student_logits, teacher_chunk):
+            with torch.no_grad():
+                teacher_logits = (teacher_chunk @ teacher_weight.T if teacher_weight is not None else teacher_chunk).float()
+            return self.kl(student_logits, teacher_logits)
+
+        return chunked_token_mean(student_hidden, head_weight(self.heads[0]), token_kl, teacher_hidden.detach(), chunk_tokens=self.chunk_tokens)
 
 
 class HiddenStateLoss(_Loss):
@@ -94,7 +101,8 @@ def layer_mapping(kept: list[int], teacher_layers: int) -> list[tuple[int, int]]
     return list(enumerate(targets))
 
 
-def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]], student_head: HiddenStatesHead | None):
+def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]], student_head: HiddenStatesHead | None,
+                           teacher_head: HiddenStatesHead | None = None):
     """ModelOpt criterion and loss balancer; weights are normalised so they sum to 1 with the LM loss's share."""
     mtd = modelopt("distill")
 
@@ -103,7 +111,7 @@ def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]]
     hidden_weight = config.intermediate_loss_weight if config.intermediate_loss != "none" else 0.0
     total = config.logit_loss_weight + config.lm_loss_weight + hidden_weight
     if config.logit_loss_weight > 0:
-        criterion[("lm_head", "lm_head")] = TokenKLLoss(config.temperature, config.loss_chunk_tokens, student_head)
+        criterion[("lm_head", "lm_head")] = TokenKLLoss(config.temperature, config.loss_chunk_tokens, student_head, teacher_head)
         weights.append(config.logit_loss_weight / total)
     if hidden_weight > 0:
         for student_layer, teacher_layer in mapping:
@@ -119,12 +127,12 @@ def distillation_criterion(config: DistillConfig, mapping: list[tuple[int, int]]
 def build_distillation(teacher_model, student_model, config: DistillConfig, mapping: list[tuple[int, int]], fuse_head: bool = True):
     """ModelOpt's distillation model around the student (teacher frozen inside) and the loss function for the loop.
 
-    With `fuse_head` the student's lm_head becomes a `HiddenStatesHead` (the losses form its logits in chunks);
-    `restore_lm_head` on the exported student puts the plain head back. Without (FSDP shards that weight), the
-    student outputs its logits and the losses chunk those.
+    With `fuse_head` the student's and the teacher's lm_heads become `HiddenStatesHead`s (the KL forms both sides'
+    logits in chunks); `restore_lm_head` puts the plain heads back (on the exported student, and on the teacher before
+    it is used alone again). Without (FSDP shards those weights), both output their logits and the losses chunk those.
     """
     head = pass_hidden_states(student_model, fuse_head)
-    criterion, balancer = distillation_criterion(config, mapping, head)
+    criterion, balancer = distillation_criterion(config, mapping, head, pass_hidden_states(teacher_model, fuse_head))
     distill_model = modelopt("distill").convert(
         student_model, mode=[("kd_loss", {"teacher_model": teacher_model, "criterion": criterion, "loss_balancer": balancer})])
     return distill_model, kd_loss_function(distill_model, config, criterion, head)
@@ -271,8 +279,12 @@ def distill(teacher: str, student: str, out: Path, settings: DistillConfig, data
                                 foreign_state_key=lambda key: key.startswith("_teacher_model."))
 
         identity = run_identity(settings, runtime.world_size, stage="distill", **inputs)
-        result = train(task, packed.split("train"), settings, work, identity, runtime, resume=resume, overwrite=overwrite,
-                       description="distill", resume_hint=resume_hint)
+        try:
+            result = train(task, packed.split("train"), settings, work, identity, runtime, resume=resume, overwrite=overwrite,
+                           description="distill", resume_hint=resume_hint)
+        finally:
+            if loaded_teacher:  # the teacher is shared with the stages around this one: its head goes back as it came
+                restore_lm_head(loaded_teacher[0])
 
         plain_student = restore_lm_head(result.model if settings.teacher_cache is not None else mtd.export(result.model)).eval()
         metrics = (evaluate_model(plain_student, packed.split("eval"), evaluation, teacher=teacher_model(), description="eval vs teacher")
