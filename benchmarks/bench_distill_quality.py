@@ -15,7 +15,8 @@ cached KD's tokens/s and KL against online KD's, and which of online / intermedi
         --arms online cached scratch --tokens 65536 --points 8 --work-dir runs/bench-distill-quality/width
 
 Writes benchmarks/results/distill_quality_STUDENT.{json,md,png}. A finished arm in --work-dir with the same
-settings is reused (only the evaluation runs again); one with other settings is an error.
+settings is reused (only the evaluation runs again), one stopped part-way resumes; one with other settings is an
+error. The checkpoints keep their students, not their optimizer states (about 0.3 GB each for these students).
 """
 
 import argparse
@@ -82,15 +83,22 @@ def arm_settings(arm: str, base: DistillConfig, cache_dir: Path) -> DistillConfi
     return base
 
 
-def reusable(run: Path, settings: dict) -> bool:
-    """True when `run` is a finished training run with `settings` (the identity fields run.json keeps); an error when it has others."""
-    if not (run / "eval.json").is_file():
+def started_with(run: Path, settings: dict) -> bool:
+    """True when `run` holds a training run (finished or stopped part-way) with `settings` (the identity fields run.json
+    keeps); an error when it holds one with other settings."""
+    if not (run / "run.json").is_file():
         return False
     recorded = json.loads((run / "run.json").read_text())["settings"]
     differing = sorted(key for key in recorded if recorded[key] != json.loads(json.dumps(settings)).get(key, recorded[key]))
     if differing:
         raise SystemExit(f"{run} was trained with other settings ({', '.join(differing)}); use another --work-dir or remove it")
     return True
+
+
+def drop_optimizer_states(run: Path) -> None:
+    """Only the checkpoints' students and step counts are evaluated: their optimizer states (2x the weights) go."""
+    for path in run.glob("checkpoints/*/optimizer.pt"):
+        path.unlink()
 
 
 def checkpoint_points(run: Path, tokens_per_step: int):
@@ -115,8 +123,10 @@ def claims(results: dict, teacher_ppl: float) -> list[str]:
     if "online" in end and "cached" in end:
         speed = results["tokens_per_second"]["cached"] / results["tokens_per_second"]["online"]
         kl = end["cached"]["kl"] / end["online"]["kl"] - 1
+        built = (f"the cache took {results['seconds']['teacher_cache']:.0f} s to build" if "teacher_cache" in results["seconds"]
+                 else "the cache was built before this run (not timed here)")
         lines.append(f"- cached vs online KD: {speed:.2f}x the training tokens/s (target 1.4x), final KL {kl:+.1%} (target within 3%); "
-                     f"the cache took {results['seconds'].get('teacher_cache', 0):.0f} s to build, once for every student and epoch")
+                     f"{built}, once for every student and epoch")
     if "online" in end and "intermediate" in end:
         online_at = {point["train_tokens"]: point for point in results["arms"]["online"]}
         pairs = [(online_at[point["train_tokens"]], point) for point in results["arms"]["intermediate"] if point["train_tokens"] in online_at]
@@ -181,17 +191,18 @@ def main() -> None:
     for arm in args.arms:
         settings = arm_settings(arm, base, cache_dir)
         run = work / arm
-        if reusable(run, settings.training().model_dump(mode="json") if arm == "scratch" else settings.model_dump(mode="json")):
-            continue
-        if arm == "cached":
-            begun = time.perf_counter()
-            build_teacher_cache(args.teacher, [settings], data, compute)
-            seconds["teacher_cache"] = time.perf_counter() - begun
-        if arm == "scratch":
-            init = work / "scratch-init" if (work / "scratch-init" / "config.json").is_file() else random_copy(args.pruned, work / "scratch-init", seed=0)
-            finetune(str(init), run, settings.training(), data, compute, final_eval)
-        else:
-            distill(args.teacher, str(args.pruned), run, settings, data, compute, final_eval)
+        resume = started_with(run, settings.training().model_dump(mode="json") if arm == "scratch" else settings.model_dump(mode="json"))
+        if not (run / "eval.json").is_file():  # not finished: train, continuing from the last checkpoint of a run stopped part-way
+            if arm == "cached":
+                begun = time.perf_counter()
+                build_teacher_cache(args.teacher, [settings], data, compute)
+                seconds["teacher_cache"] = time.perf_counter() - begun
+            if arm == "scratch":
+                init = work / "scratch-init" if (work / "scratch-init" / "config.json").is_file() else random_copy(args.pruned, work / "scratch-init", seed=0)
+                finetune(str(init), run, settings.training(), data, compute, final_eval, resume=resume)
+            else:
+                distill(args.teacher, str(args.pruned), run, settings, data, compute, final_eval, resume=resume)
+        drop_optimizer_states(run)
 
     begun = time.perf_counter()
     rows = prepare_data(data, load_tokenizer(args.teacher)).split("eval")
