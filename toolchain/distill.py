@@ -263,27 +263,27 @@ def distill(teacher: str, student: str, out: Path, settings: DistillConfig, data
 
         mapping = None
         fuse_head = not (runtime.world_size > 1 and settings.distributed == "fsdp")  # FSDP shards the head's weight: chunk the logits instead
-        if settings.teacher_cache is not None:
-            train_rows = packed.split("train")
-            needed = rows_of_run(settings, len(train_rows), data.seq_len, runtime.world_size)
-            cache, computed = teacher_cache_for(teacher_dir, tokenizer, packed, settings, compute, runtime, needed, teacher_config.vocab_size, teacher_model)
-            log.info("teacher cache %s: %d of the run's %d rows computed now", settings.teacher_cache, computed, len(needed))
-            head = pass_hidden_states(prepare_student(student_model, settings), fuse_head)
-            task = TrainingTask(student_model, cached_kd_loss_function(cache, settings, head), student_config)
-            inputs["teacher_cache"] = cache.fingerprint
-        else:
-            teacher_layers, student_layers = teacher_config.num_hidden_layers, student_config.num_hidden_layers
-            mapping = layer_mapping(kept_teacher_layers(student_dir, teacher_layers, student_layers), teacher_layers)
-            distill_model, compute_loss = build_distillation(teacher_model(), prepare_student(student_model, settings), settings, mapping, fuse_head)
-            task = TrainingTask(distill_model, compute_loss, student_config, frozen=[teacher_model()],
-                                foreign_state_key=lambda key: key.startswith("_teacher_model."))
+        try:  # build_distillation fuses the shared teacher's head; `finally` puts it back however this ends
+            if settings.teacher_cache is not None:
+                train_rows = packed.split("train")
+                needed = rows_of_run(settings, len(train_rows), data.seq_len, runtime.world_size)
+                cache, computed = teacher_cache_for(teacher_dir, tokenizer, packed, settings, compute, runtime, needed, teacher_config.vocab_size, teacher_model)
+                log.info("teacher cache %s: %d of the run's %d rows computed now", settings.teacher_cache, computed, len(needed))
+                head = pass_hidden_states(prepare_student(student_model, settings), fuse_head)
+                task = TrainingTask(student_model, cached_kd_loss_function(cache, settings, head), student_config)
+                inputs["teacher_cache"] = cache.fingerprint
+            else:
+                teacher_layers, student_layers = teacher_config.num_hidden_layers, student_config.num_hidden_layers
+                mapping = layer_mapping(kept_teacher_layers(student_dir, teacher_layers, student_layers), teacher_layers)
+                distill_model, compute_loss = build_distillation(teacher_model(), prepare_student(student_model, settings), settings, mapping, fuse_head)
+                task = TrainingTask(distill_model, compute_loss, student_config, frozen=[teacher_model()],
+                                    foreign_state_key=lambda key: key.startswith("_teacher_model."))
 
-        identity = run_identity(settings, runtime.world_size, stage="distill", **inputs)
-        try:
+            identity = run_identity(settings, runtime.world_size, stage="distill", **inputs)
             result = train(task, packed.split("train"), settings, work, identity, runtime, resume=resume, overwrite=overwrite,
                            description="distill", resume_hint=resume_hint)
         finally:
-            if loaded_teacher:  # the teacher is shared with the stages around this one: its head goes back as it came
+            if loaded_teacher:
                 restore_lm_head(loaded_teacher[0])
 
         plain_student = restore_lm_head(result.model if settings.teacher_cache is not None else mtd.export(result.model)).eval()

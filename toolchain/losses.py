@@ -110,12 +110,10 @@ class HiddenStatesHead(nn.Module):
 
 
 def pass_hidden_states(model: nn.Module, enabled: bool = True) -> HiddenStatesHead | None:
-    """Swap `model.lm_head` for a `HiddenStatesHead` (see there; one already swapped stays); `restore_lm_head` undoes it.
-    Not `enabled`: the model keeps its head (its output is logits) and None is returned, which `head_weight` turns into
-    the losses' "logits given"."""
+    """Swap `model.lm_head` for a `HiddenStatesHead` (see there); `restore_lm_head` undoes it. Not `enabled`: the model
+    keeps its head (its output is logits) and None is returned, which `head_weight` turns into the losses' "logits given"."""
     if enabled:
-        if not isinstance(model.lm_head, HiddenStatesHead):
-            model.lm_head = HiddenStatesHead(model.lm_head)
+        model.lm_head = HiddenStatesHead(model.lm_head)
         return model.lm_head
     return None
 
