@@ -3,7 +3,8 @@
 On one pruned student (the main job's width or depth student), each arm trains for --tokens with the
 main job's recipe settings (batch, lr, schedule) and keeps a checkpoint at --points evenly spaced steps:
 - online: `minitron distill`, logit KL with the teacher running beside the student (the reference);
-- cached: the same from a teacher-logit cache (top-k log-probs), built once before the arm and timed apart;
+- cached: the same from a teacher-logit cache (top-k log-probs, the rest as one bin), built once before the arm and timed apart;
+- cached-sampled: the same from a cache that also keeps --tail-samples tokens drawn from the teacher outside its top-k;
 - intermediate: online logit KL plus the cosine hidden-state loss over pruning.json's layer map (depth);
 - scratch: the same architecture, random init, LM loss only (`minitron finetune`), same tokens and schedule.
 Every checkpoint is evaluated on the eval split (perplexity, KL(teacher || student), top-1 agreement); its
@@ -15,8 +16,9 @@ cached KD's tokens/s and KL against online KD's, and which of online / intermedi
         --arms online cached scratch --tokens 65536 --points 8 --work-dir runs/bench-distill-quality/width
 
 Writes benchmarks/results/distill_quality_STUDENT.{json,md,png}. A finished arm in --work-dir with the same
-settings is reused (only the evaluation runs again), one stopped part-way resumes; one with other settings is an
-error. The checkpoints keep their students, not their optimizer states (about 0.3 GB each for these students).
+settings is reused (and so are its checkpoints' evaluations, kept in its points.json), one stopped part-way resumes;
+one with other settings is an error. The checkpoints keep their students, not their optimizer states (about 0.3 GB
+each for these students).
 """
 
 import argparse
@@ -38,8 +40,9 @@ from toolchain.finetune import finetune
 from toolchain.models import load_model, load_tokenizer
 from toolchain.settings import ComputeConfig, DataConfig, DistillConfig, EvalConfig
 
-ARMS = ("online", "cached", "intermediate", "scratch")
-DISTILLED_ARMS = ("online", "cached", "intermediate")
+ARMS = ("online", "cached", "cached-sampled", "intermediate", "scratch")
+DISTILLED_ARMS = ("online", "cached", "cached-sampled", "intermediate")
+CACHED_ARMS = ("cached", "cached-sampled")
 
 
 class RecordedTeacher(nn.Module):
@@ -75,9 +78,11 @@ def random_copy(pruned: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def arm_settings(arm: str, base: DistillConfig, cache_dir: Path) -> DistillConfig:
+def arm_settings(arm: str, base: DistillConfig, cache_dir: Path, tail_samples: int) -> DistillConfig:
     if arm == "cached":
         return base.model_copy(update={"teacher_cache": str(cache_dir)})
+    if arm == "cached-sampled":
+        return base.model_copy(update={"teacher_cache": f"{cache_dir}-tail{tail_samples}", "teacher_cache_tail_samples": tail_samples})
     if arm == "intermediate":
         return base.model_copy(update={"intermediate_loss": "cosine", "intermediate_loss_weight": 1.0})
     return base
@@ -101,16 +106,25 @@ def drop_optimizer_states(run: Path) -> None:
         path.unlink()
 
 
-def checkpoint_points(run: Path, tokens_per_step: int):
-    """(step, tokens, training seconds up to that step, model) for every checkpoint a training run kept, in order."""
+def checkpoint_points(run: Path, tokens_per_step: int, eval_key: dict, measure) -> list[dict]:
+    """One point per checkpoint a training run kept, in order: step, tokens, training seconds up to that step and
+    `measure(model)`; kept in the run's points.json for `eval_key`, so a finished arm is not evaluated again."""
     from transformers import AutoModelForCausalLM
 
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     step_seconds = {record["step"]: tokens_per_step / record["tokens_per_second"] for record in log}
-    for checkpoint in sorted((run / "checkpoints").iterdir()):
-        trainer = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    checkpoints = sorted((run / "checkpoints").iterdir())
+    trainers = [torch.load(checkpoint / "trainer.pt", weights_only=True) for checkpoint in checkpoints]
+    stored = json.loads((run / "points.json").read_text()) if (run / "points.json").is_file() else {}
+    if stored.get("eval") == eval_key and [point["step"] for point in stored["points"]] == [trainer["step"] for trainer in trainers]:
+        return stored["points"]
+    points = []
+    for checkpoint, trainer in zip(checkpoints, trainers):
         seconds = sum(value for step, value in step_seconds.items() if step <= trainer["step"])
-        yield trainer["step"], trainer["tokens"], seconds, AutoModelForCausalLM.from_pretrained(checkpoint / "student", dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(checkpoint / "student", dtype=torch.float32).eval()
+        points.append({"step": trainer["step"], "train_tokens": trainer["tokens"], "train_seconds": seconds, **measure(model)})
+    (run / "points.json").write_text(json.dumps({"eval": eval_key, "points": points}, indent=1) + "\n")
+    return points
 
 
 def claims(results: dict, teacher_ppl: float) -> list[str]:
@@ -120,12 +134,12 @@ def claims(results: dict, teacher_ppl: float) -> list[str]:
     if "online" in end and "scratch" in end:
         lines.append(f"- distilled (online) vs from scratch at {end['online']['train_tokens']:,} tokens: perplexity "
                      f"{end['scratch']['perplexity'] / end['online']['perplexity']:.0f}x lower (issue 13's target: at least 20x)")
-    if "online" in end and "cached" in end:
-        speed = results["tokens_per_second"]["cached"] / results["tokens_per_second"]["online"]
-        kl = end["cached"]["kl"] / end["online"]["kl"] - 1
-        built = (f"the cache took {results['seconds']['teacher_cache']:.0f} s to build" if "teacher_cache" in results["seconds"]
+    for arm in (arm for arm in CACHED_ARMS if arm in end and "online" in end):
+        speed = results["tokens_per_second"][arm] / results["tokens_per_second"]["online"]
+        kl = end[arm]["kl"] / end["online"]["kl"] - 1
+        built = (f"the cache took {results['seconds'][f'{arm} teacher_cache']:.0f} s to build" if f"{arm} teacher_cache" in results["seconds"]
                  else "the cache was built before this run (not timed here)")
-        lines.append(f"- cached vs online KD: {speed:.2f}x the training tokens/s (target 1.4x), final KL {kl:+.1%} (target within 3%); "
+        lines.append(f"- {arm} vs online KD: {speed:.2f}x the training tokens/s (target 1.4x), final KL {kl:+.1%} (target within 3%); "
                      f"{built}, once for every student and epoch")
     if "online" in end and "intermediate" in end:
         online_at = {point["train_tokens"]: point for point in results["arms"]["online"]}
@@ -172,7 +186,9 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=8, help="eval batches of 8 sequences at each point (8: the main job's report rows)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--teacher-cache", type=Path, help="the cached arm's cache (default: WORK_DIR/teacher-cache); share it between students")
+    parser.add_argument("--teacher-cache", type=Path, help="the cached arm's cache (default: WORK_DIR/teacher-cache; cached-sampled's: "
+                                                            "the same with -tailM); share it between students")
+    parser.add_argument("--tail-samples", type=int, default=32, help="tail samples per token of the cached-sampled arm's cache")
     parser.add_argument("--work-dir", type=Path, help="where runs go (default: a temporary directory, removed at the end)")
     args = parser.parse_args()
     pin_threads(args.threads)
@@ -187,16 +203,17 @@ def main() -> None:
                          warmup_steps=args.warmup_steps, save_every=save_every, keep_checkpoints=args.points + 1)
     data, compute, final_eval = DataConfig(spec=args.data, seq_len=args.seq_len), ComputeConfig(dtype="float32", device="cpu"), EvalConfig(max_batches=1)
     cache_dir = args.teacher_cache or work / "teacher-cache"
-    seconds = {}
+    seconds, trained_now = {}, []
     for arm in args.arms:
-        settings = arm_settings(arm, base, cache_dir)
+        settings = arm_settings(arm, base, cache_dir, args.tail_samples)
         run = work / arm
         resume = started_with(run, settings.training().model_dump(mode="json") if arm == "scratch" else settings.model_dump(mode="json"))
         if not (run / "eval.json").is_file():  # not finished: train, continuing from the last checkpoint of a run stopped part-way
-            if arm == "cached":
+            trained_now.append(arm)
+            if arm in CACHED_ARMS:
                 begun = time.perf_counter()
                 build_teacher_cache(args.teacher, [settings], data, compute)
-                seconds["teacher_cache"] = time.perf_counter() - begun
+                seconds[f"{arm} teacher_cache"] = time.perf_counter() - begun
             if arm == "scratch":
                 init = work / "scratch-init" if (work / "scratch-init" / "config.json").is_file() else random_copy(args.pruned, work / "scratch-init", seed=0)
                 finetune(str(init), run, settings.training(), data, compute, final_eval, resume=resume)
@@ -215,13 +232,11 @@ def main() -> None:
     pruned = measure(load_model(args.pruned))
     teacher_ppl = pruned["teacher_perplexity"]
     results = {"pruned": pruned, "arms": {}, "tokens_per_second": {}}
+    eval_key = {"data": args.data, "seq_len": args.seq_len, "eval_batches": args.eval_batches, "teacher": args.teacher}
     for arm in args.arms:
-        points = []
-        for step, tokens, train_seconds, model in checkpoint_points(work / arm, args.global_batch_size * args.seq_len):
-            point = {"step": step, "train_tokens": tokens, "train_seconds": train_seconds, **measure(model)}
-            if arm in DISTILLED_ARMS:
-                point["gap_recovered"] = (pruned["loss"] - point["loss"]) / (pruned["loss"] - math.log(teacher_ppl))
-            points.append(point)
+        points = checkpoint_points(work / arm, args.global_batch_size * args.seq_len, eval_key, measure)
+        for point in points if arm in DISTILLED_ARMS else []:
+            point["gap_recovered"] = (pruned["loss"] - point["loss"]) / (pruned["loss"] - math.log(teacher_ppl))
         results["arms"][arm] = points
         results["tokens_per_second"][arm] = points[-1]["train_tokens"] / points[-1]["train_seconds"]
     seconds["eval"] = time.perf_counter() - begun
@@ -231,13 +246,14 @@ def main() -> None:
     name = f"distill_quality_{args.student}"
     command = "python benchmarks/bench_distill_quality.py " + " ".join(
         [f"--student {args.student}", f"--pruned {args.pruned}", "--arms " + " ".join(args.arms), f"--tokens {args.tokens}", f"--points {args.points}"]
-        + ([f"--teacher-cache {args.teacher_cache}"] if args.teacher_cache else []) + ([f"--work-dir {args.work_dir}"] if args.work_dir else []))
+        + ([f"--teacher-cache {args.teacher_cache}"] if args.teacher_cache else []) + ([f"--work-dir {args.work_dir}"] if args.work_dir else [])
+        + ([f"--tail-samples {args.tail_samples}"] if "cached-sampled" in args.arms else []))
     payload = {
         "benchmark": f"quality curves of the {args.student} student: " + ", ".join(args.arms), "command": command,
         "teacher": args.teacher, "data": args.data, "pruned_student": str(args.pruned), "budget_tokens": args.tokens, "steps": steps,
         "save_every": save_every, "training": base.model_dump(mode="json"),
         "eval": {"sequences": min(len(rows), 8 * args.eval_batches), "seq_len": args.seq_len},
-        "teacher_perplexity": teacher_ppl, "results": results, "claims": checked, "machine": machine(),
+        "teacher_perplexity": teacher_ppl, "trained_now": trained_now, "results": results, "claims": checked, "machine": machine(),
     }
     lines = [
         f"# Distillation quality curves: the {args.student} student ({args.pruned})", "",
@@ -246,7 +262,9 @@ def main() -> None:
         f"(cosine, warm-up {base.warmup_for(steps)} steps), {args.data}; eval on {payload['eval']['sequences']} held-out sequences of "
         f"{args.seq_len} at every {save_every} steps; {machine()['torch_threads']} torch threads on {machine()['cpu_count']} cores, "
         f"one run; total {seconds['total'] / 60:.1f} min. Training seconds are the arm's own step times (train_log.jsonl), "
-        "so the x-axis is CPU time on these 2 cores (the cached arm's teacher pass is listed apart).", "",
+        "so the x-axis is CPU time on these 2 cores (the cached arms' teacher passes are listed apart). Trained in this invocation: "
+        + (", ".join(trained_now) or "none") + "; any other arm was reused from --work-dir, trained earlier on the same machine under the same CPU lock."
+        + (f" cached-sampled: top-{base.teacher_cache_top_k} plus {args.tail_samples} tail samples per token." if "cached-sampled" in args.arms else ""), "",
         f"Teacher perplexity {teacher_ppl:.2f}. Pruned student before training: perplexity {pruned['perplexity']:,.1f} "
         f"({pruned['perplexity'] / teacher_ppl:.1f}x), KL {pruned['kl']:.3f}, top-1 {pruned['top1_agreement']:.1%}.", "",
         f"![quality curves]({name}.png)", "",

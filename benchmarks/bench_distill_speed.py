@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--loss-chunk-tokens", type=int, default=DistillConfig.model_fields["loss_chunk_tokens"].default)
+    parser.add_argument("--teacher-cache-tail-samples", type=int, default=DistillConfig.model_fields["teacher_cache_tail_samples"].default)
     args = parser.parse_args()
     pin_threads(args.threads)
 
@@ -135,7 +136,7 @@ def main() -> None:
     student = load_model(args.student, device=args.device) if args.student else sliced_student(args.teacher, args.hidden_size, args.ffn_hidden_size, teacher.dtype).to(args.device)
     plain_student = load_model(args.student, device=args.device) if args.student else sliced_student(args.teacher, args.hidden_size, args.ffn_hidden_size, teacher.dtype).to(args.device)
     plain_student.train()
-    config = DistillConfig(steps=1, loss_chunk_tokens=args.loss_chunk_tokens)
+    config = DistillConfig(steps=1, loss_chunk_tokens=args.loss_chunk_tokens, teacher_cache_tail_samples=args.teacher_cache_tail_samples)
     distill_model, compute_loss = build_distillation(teacher, prepare_student(student, config), config, layer_mapping(list(range(student.config.num_hidden_layers)), teacher.config.num_hidden_layers))
     rows = prepare_data(DataConfig(spec=args.data, seq_len=args.seq_len), load_tokenizer(args.teacher)).split("train")
     input_ids = next(iterate_batches(rows, args.micro_batch_size)).to(args.device)
@@ -183,8 +184,10 @@ def main() -> None:
     # KD from the teacher-logit cache: the plain student alone against the teacher's top-k of this batch (what the cache holds)
     restore_lm_head(teacher)
     with torch.no_grad():
-        targets = [torch.from_numpy(array).to(args.device) for array in teacher_entries(teacher, input_ids, config.teacher_cache_top_k, config.temperature)]
-    cached_loss = cached_kd_loss_function(SimpleNamespace(targets=lambda ids: targets), config, pass_hidden_states(plain_student))
+        entries = teacher_entries(teacher, input_ids, config.teacher_cache_top_k, config.temperature, config.teacher_cache_tail_samples)
+    targets = [torch.from_numpy(array).to(args.device) for array in entries]
+    cache = SimpleNamespace(targets=lambda ids: targets, fingerprint={"tail_samples": config.teacher_cache_tail_samples})
+    cached_loss = cached_kd_loss_function(cache, config, pass_hidden_states(plain_student))
 
     def cached_step():
         cached_loss(plain_student, input_ids)["loss"].backward()
@@ -247,7 +250,7 @@ def main() -> None:
         f"| teacher forward alone | {teacher_s:.2f} | {tokens / teacher_s:,.0f} |",
         f"| student forward/backward alone (LM loss) | {student_s:.2f} | {tokens / student_s:,.0f} |",
         f"| sum of the parts | {teacher_s + student_s:.2f} | {tokens / (teacher_s + student_s):,.0f} |",
-        f"| KD step from the teacher-logit cache (top-{config.teacher_cache_top_k}, student alone) | {cached:.2f} | {tokens / cached:,.0f} |",
+        f"| KD step from the teacher-logit cache (top-{config.teacher_cache_top_k} + {config.teacher_cache_tail_samples} tail samples, student alone) | {cached:.2f} | {tokens / cached:,.0f} |",
     ]
     memory_md = ["| memory | GiB |", "|---|---|"] + [f"| {name.replace('_', ' ')} | {value / gib:.3f} |" for name, value in must_exist.items()] + [
         f"| **required total** | {required / gib:.3f} |", f"| **peak during the KD step** | {peak / gib:.3f} |",

@@ -157,6 +157,39 @@ def test_top_k_kl_is_the_full_kl_at_k_equal_vocabulary_with_temperature_and_a_lo
     assert (partial <= full_kl(student, teacher, 2.0) + 1e-6).all() and (partial > 0).all()
 
 
+def test_top_k_kl_with_sampled_tail_matches_its_definition_on_hand_made_distributions():
+    p = [0.5, 0.3, 0.15, 0.05]
+    q = [0.1, 0.2, 0.3, 0.4]
+    student_logits = torch.tensor([[math.log(x) for x in q]])
+    # top-2 (tokens 0 and 1), then 3 tail samples (2, 3, 2), each standing for 0.2 / 3 of the mass
+    indices = torch.tensor([[0, 1, 2, 3, 2]])
+    loss = top_k_kl(student_logits, indices, torch.log(torch.tensor([[p[i] for i in indices[0]]])), torch.tensor([math.log(0.2)]), tail_samples=3)
+    by_hand = 0.5 * math.log(0.5 / 0.1) + 0.3 * math.log(0.3 / 0.2) + 0.2 / 3 * (2 * math.log(0.15 / 0.3) + math.log(0.05 / 0.4))
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_top_k_kl_with_a_sampled_tail_is_unbiased_in_value_and_gradient(temperature):
+    """Averaged over every possible tail draw (m = 1, token j with probability p_j / r), loss and gradient are the full KL's."""
+    student, teacher = logits_pair(batch=1, seq=4, vocab=12)
+    student, teacher = student[0].requires_grad_(), teacher[0]
+    log_p = F.log_softmax(teacher / temperature, -1)
+    order = log_p.argsort(-1, descending=True)
+    top, tail = order[:, :3], order[:, 3:]
+    rest = log_p.gather(-1, tail).logsumexp(-1)
+    expected_loss, expected_grad = torch.zeros(4), torch.zeros_like(student)
+    for column in range(tail.shape[1]):
+        drawn = torch.cat([top, tail[:, column : column + 1]], dim=-1)
+        chance = (log_p.gather(-1, drawn[:, -1:]).squeeze(-1) - rest).exp()  # of drawing this tail token, per position
+        loss = top_k_kl(student, drawn, log_p.gather(-1, drawn), rest, temperature=temperature, tail_samples=1)
+        (grad,) = torch.autograd.grad((loss * chance).sum(), student)
+        expected_loss, expected_grad = expected_loss + loss.detach() * chance, expected_grad + grad
+    full = full_kl(student, teacher, temperature)
+    (full_grad,) = torch.autograd.grad(full.sum(), student)
+    torch.testing.assert_close(expected_loss, full.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(expected_grad, full_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_chunked_kl_of_given_logits_equals_the_whole_batch_kl():
     """Without a fused head (under FSDP the student outputs logits): the chunks are of the logits themselves."""
     student, teacher = logits_pair()

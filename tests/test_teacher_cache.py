@@ -49,10 +49,11 @@ def test_kd_from_a_full_vocabulary_cache_equals_online_kd(teacher, student, corp
     assert "0 of the run's 16 rows computed now" in caplog.text
 
 
-def test_top_k_cache_trains_close_to_online_and_stores_k_entries(teacher, student, corpus_jsonl, tmp_path):
+def test_a_top_k_cache_without_tail_samples_trains_close_to_online_and_stores_k_entries(teacher, student, corpus_jsonl, tmp_path):
     config = small_config(steps=4)
     run_distill(teacher, student, corpus_jsonl, tmp_path / "online", config)
-    run_distill(teacher, student, corpus_jsonl, tmp_path / "cached", config.model_copy(update={"teacher_cache": str(tmp_path / "cache"), "teacher_cache_top_k": 8}))
+    run_distill(teacher, student, corpus_jsonl, tmp_path / "cached",
+                config.model_copy(update={"teacher_cache": str(tmp_path / "cache"), "teacher_cache_top_k": 8, "teacher_cache_tail_samples": 0}))
     assert np.load(tmp_path / "cache" / "indices.npy", mmap_mode="r").shape[-1] == 8
     online, cached = train_log(tmp_path / "online"), train_log(tmp_path / "cached")
     # the first step sees the same student: its top-8 KL is a lower bound of the full KL
@@ -60,11 +61,35 @@ def test_top_k_cache_trains_close_to_online_and_stores_k_entries(teacher, studen
     assert cached[-1]["logit_kl"] < cached[0]["logit_kl"]
 
 
-def open_cache(teacher, corpus, directory, top_k=16):
+def test_tail_samples_are_drawn_from_the_teacher_outside_its_top_k_the_same_way_for_the_same_tokens(teacher, student, corpus_jsonl, tmp_path):
+    model = load_model(teacher)
+    cache, rows = open_cache(teacher, corpus_jsonl, tmp_path / "cache", top_k=8, tail_samples=24)
+    fill_teacher_cache(cache, model, rows, np.arange(8), batch_size=4, device="cpu")
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(input_ids=torch.from_numpy(np.asarray(rows[:8], dtype=np.int64))).logits.float(), -1)
+    indices, log_probs = torch.from_numpy(cache.indices[:8]).long(), torch.from_numpy(cache.log_probs[:8])
+    top, tail = indices[..., :8], indices[..., 8:]
+    assert indices.shape[-1] == 32
+    torch.testing.assert_close(top, log_p.topk(8, -1).indices)
+    torch.testing.assert_close(log_probs, log_p.gather(-1, indices))
+    assert not (tail[..., :, None] == top[..., None, :]).any()  # no tail sample is one of the top-k
+    torch.testing.assert_close(torch.from_numpy(cache.rest[:8]), log_p.scatter(-1, top, float("-inf")).logsumexp(-1))
+    # drawn by the tokens of the row, not by its place in the batch: the same rows in other batches give the same draws
+    again, _ = open_cache(teacher, corpus_jsonl, tmp_path / "again", top_k=8, tail_samples=24)
+    fill_teacher_cache(again, model, rows, np.arange(8)[::-1].copy(), batch_size=3, device="cpu")
+    np.testing.assert_array_equal(again.indices[:8], cache.indices[:8])
+    # and KD trains from such a cache
+    run_distill(teacher, student, corpus_jsonl, tmp_path / "cached",
+                small_config(steps=4).model_copy(update={"teacher_cache": str(tmp_path / "train-cache"), "teacher_cache_top_k": 8, "teacher_cache_tail_samples": 24}))
+    log = train_log(tmp_path / "cached")
+    assert log[-1]["logit_kl"] < log[0]["logit_kl"]
+
+
+def open_cache(teacher, corpus, directory, top_k=16, tail_samples=0):
     tokenizer = load_tokenizer(teacher)
     packed = prepare_data(data_settings(corpus, SEQ_LEN), tokenizer)
     fingerprint = cache_fingerprint(model_fingerprint(teacher), tokenizer_fingerprint(tokenizer), packed.directory.name, SEQ_LEN, TINY_VOCAB,
-                                    top_k, 1.0, "float32")
+                                    top_k, tail_samples, 1.0, "float32")
     rows = packed.split("train")
     return open_teacher_cache(directory, fingerprint, rows, writable=True), rows
 
@@ -121,6 +146,7 @@ def test_a_cache_of_another_teacher_or_sequence_length_is_refused_in_one_line(te
         "teacher": distill_args(other_teacher, student, corpus_jsonl, tmp_path / "a", "--steps", "1", "--teacher-cache", str(cache)),
         "data, seq_len": with_flags(distill_args(teacher, student, corpus_jsonl, tmp_path / "b", "--steps", "1", "--teacher-cache", str(cache)), {"--seq-len": 32}),
         "temperature": distill_args(teacher, student, corpus_jsonl, tmp_path / "c", "--steps", "1", "--teacher-cache", str(cache), "--temperature", "2"),
+        "tail_samples": distill_args(teacher, student, corpus_jsonl, tmp_path / "f", "--steps", "1", "--teacher-cache", str(cache), "--teacher-cache-tail-samples", "4"),
     }
     for differing, args in cases.items():
         assert cli_main(args) == 2

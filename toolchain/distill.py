@@ -172,7 +172,7 @@ def cached_kd_loss_function(cache: TeacherCache, config: DistillConfig, head: Hi
     """The loss of one micro-batch against the teacher cache: the top-k KL (and the LM loss), weighted as ModelOpt's
     balancer weighs them online; the student's lm_head is a `HiddenStatesHead`, its logits formed in chunks."""
     total = config.logit_loss_weight + config.lm_loss_weight
-    token_kl = partial(top_k_kl, temperature=config.temperature)
+    token_kl = partial(top_k_kl, temperature=config.temperature, tail_samples=cache.fingerprint["tail_samples"])
 
     def compute_loss(wrapped, input_ids):
         hidden = wrapped(input_ids=input_ids, use_cache=False).logits
@@ -191,7 +191,7 @@ def teacher_cache_for(teacher_dir: Path, tokenizer, packed, settings: DistillCon
                       vocab_size: int, teacher_loader) -> tuple[TeacherCache, int]:
     """Open the run's teacher cache and compute the rows of `needed` it lacks (rank 0, the teacher loaded only then); returns it and the rows computed."""
     fingerprint = cache_fingerprint(model_fingerprint(teacher_dir), tokenizer_fingerprint(tokenizer), packed.directory.name, packed.seq_len,
-                                    vocab_size, settings.teacher_cache_top_k, settings.temperature,
+                                    vocab_size, settings.teacher_cache_top_k, settings.teacher_cache_tail_samples, settings.temperature,
                                     str(resolve_dtype(compute.dtype, runtime.device)))
     rows = packed.split("train")
     directory = Path(settings.teacher_cache)

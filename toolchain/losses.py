@@ -134,28 +134,38 @@ def restore_lm_head(model: nn.Module) -> nn.Module:
 
 
 def top_k_kl(student_logits: torch.Tensor, indices: torch.Tensor, log_probs: torch.Tensor, rest_log_mass: torch.Tensor,
-             temperature: float = 1.0) -> torch.Tensor:
-    """Per-token KL(teacher ‖ student) over k+1 bins: the teacher's top-k tokens and the rest of the vocabulary as one bin.
+             temperature: float = 1.0, tail_samples: int = 0) -> torch.Tensor:
+    """Per-token KL(teacher ‖ student) from a sparse teacher: its top-k tokens, and the rest of the vocabulary.
 
-    The teacher is given by `indices` [n, k], their log-probabilities `log_probs` [n, k] and the log of the
-    probability left to the other tokens `rest_log_mass` [n] (-inf when k covers the vocabulary), all at
-    `temperature`. The student's bins are its probabilities of those k tokens and the sum of the rest:
+    The teacher is given by `indices` [n, k + m], their log-probabilities `log_probs` [n, k + m] and the log of the
+    probability r left outside the top-k `rest_log_mass` [n] (-inf when k covers the vocabulary), all at
+    `temperature`. The first k entries are the teacher's top-k tokens. The rest is either one bin (m =
+    `tail_samples` = 0), matched by the student's total probability outside the top-k:
 
-        KL = sum_k p_k (log p_k - log q_k) + r (log r - log q_rest),   scaled by T² like the full KL.
+        KL = sum_k p_k (log p_k - log q_k) + r (log r - log q_rest)
 
-    With k = vocabulary this is the full KL; for k < vocabulary it is the KL of the coarsened
-    distributions, a lower bound of the full KL that is exact on the k tokens' share.
+    the KL of the coarsened distributions, a lower bound of the full KL that leaves the shape of the student's
+    tail free; or m tokens drawn from the teacher's distribution outside its top-k (with replacement), each
+    standing for r/m of the probability:
+
+        KL ≈ sum_k p_k (log p_k - log q_k) + (r/m) sum_j (log p_j - log q_j)
+
+    an unbiased estimate of the full KL whose gradient, q minus those weights, is an unbiased estimate of the
+    full gradient. Both are scaled by T² like the full KL and equal it when k is the vocabulary.
     """
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p = log_probs.float()
-    indices = indices.long()
-    log_q_top = log_q.gather(-1, indices)
-    top = (log_p.exp() * (log_p - log_q_top)).sum(-1)
+    log_ratio = log_p - log_q.gather(-1, indices.long())
+    top_k = log_p.shape[-1] - tail_samples
+    kl = (log_p[..., :top_k].exp() * log_ratio[..., :top_k]).sum(-1)
     rest_log_mass = rest_log_mass.float()
     has_rest = torch.isfinite(rest_log_mass)
     if has_rest.any():
-        log_q_rest = log_q.scatter(-1, indices, float("-inf")).logsumexp(-1)
         safe_rest = torch.where(has_rest, rest_log_mass, torch.zeros_like(rest_log_mass))
-        rest = torch.where(has_rest, safe_rest.exp() * (safe_rest - log_q_rest), torch.zeros_like(rest_log_mass))
-        top = top + rest
-    return top * temperature**2
+        if tail_samples:
+            rest = safe_rest.exp() * log_ratio[..., top_k:].mean(-1)
+        else:
+            log_q_rest = log_q.scatter(-1, indices.long(), float("-inf")).logsumexp(-1)
+            rest = safe_rest.exp() * (safe_rest - log_q_rest)
+        kl = kl + torch.where(has_rest, rest, torch.zeros_like(rest))
+    return kl * temperature**2

@@ -15,7 +15,7 @@ Run folder:
     teacher-corrected/               teacher after LM fine-tuning (only with teacher.correction.tokens)
     teacher-eval/                    metrics.json of the teacher
     importance/                      importance.safetensors: the scores every student is pruned by, computed once
-    teacher-cache/                   teacher top-k log-probs of the students' train rows (only with a relative distill.teacher_cache; built once, before the students)
+    teacher-cache/                   teacher top-k log-probs (and tail samples) of the students' train rows (only with a relative distill.teacher_cache; built once, before the students)
     students/NAME/pruned/            HF checkpoint + pruning.json
     students/NAME/pruned-eval/       metrics.json against the teacher
     students/NAME/distilled/         HF checkpoint + train_log.jsonl

@@ -155,6 +155,9 @@ class DistillConfig(TrainingConfig):
     teacher_cache: str | None = Field(None, description="Directory of a teacher-logit cache: the teacher's top-k log-probabilities of the train rows, built once "
                                                         "(resumably) and reused by every student and epoch, so the teacher does not run while training; in a recipe a relative path lies in the run folder; none runs the teacher online.")
     teacher_cache_top_k: int = Field(64, gt=0, description="Log-probabilities kept per token in the teacher cache (its k most likely tokens; the rest of the mass is kept as one number).")
+    teacher_cache_tail_samples: int = Field(32, ge=0, description="Tokens drawn per position from the teacher's distribution outside its top-k and kept in the cache, each "
+                                                                 "standing for an equal share of the rest's mass: the loss is then an unbiased estimate of the full KL and "
+                                                                 "its gradient; 0 keeps the rest as one bin (the KL of the coarsened distributions, a lower bound).")
     loss_chunk_tokens: int = Field(128, gt=0, description="Tokens per chunk of the logit losses: softmaxes and gradients over the vocabulary exist for this many tokens at a time, not the whole batch.")
 
     @model_validator(mode="after")

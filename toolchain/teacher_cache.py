@@ -3,11 +3,11 @@
 Stored per token of each train row, at the distillation temperature T, as memory-mapped `.npy` arrays
 over the whole train split (files are sparse until rows are written):
 
-    indices.npy    int32   [rows, seq_len, k]  the teacher's k most likely next tokens
-    log_probs.npy  float32 [rows, seq_len, k]  their log-probabilities, log softmax(z / T)
-    rest.npy       float32 [rows, seq_len]     log of the probability left to every other token (-inf when k = vocabulary)
+    indices.npy    int32   [rows, seq_len, k + m]  the teacher's k most likely next tokens, then m tokens drawn from the rest
+    log_probs.npy  float32 [rows, seq_len, k + m]  their log-probabilities, log softmax(z / T)
+    rest.npy       float32 [rows, seq_len]         log of the probability left outside the top-k (-inf when k = vocabulary)
     built.npy      bool    [rows]              rows whose entries are complete
-    cache.json     the fingerprint: teacher weights, tokenizer, packed data (content, tokenizer, seq_len), k, T, dtype
+    cache.json     the fingerprint: teacher weights, tokenizer, packed data (content, tokenizer, seq_len), k, m, T, dtype
 
 Only the rows a run reads are computed, in shards of `SHARD_ROWS` rows: a shard's entries are flushed
 to disk before its rows are marked built (an atomic rewrite of `built.npy`), so a build killed at any
@@ -15,14 +15,15 @@ moment resumes with the shard it was writing, and no row is ever read before it 
 whose file is shorter or shaped otherwise than the fingerprint says (a crash of the filesystem, a copy
 cut short) is recreated and every row rebuilt. A cache whose fingerprint differs from the run's is
 refused. The loss against it is `toolchain.losses.top_k_kl`; the cache does not depend on the seed
-or the batch order (rows are looked up by their tokens), so every student, seed and epoch reuses it.
+or the batch order (rows are looked up by their tokens; the m tail samples of a row are drawn with a
+generator seeded by its tokens), so every student, seed and epoch reuses it.
 
-Why top-k with the remaining mass, not a sampled subset of tokens: it is deterministic, exact at
-k = vocabulary (tested equal to online KD), and its loss is a closed-form KL over k+1 bins with an
-exact gradient; a sampled subset is unbiased only in expectation, adds sampling noise to every step
-and needs importance weights that the student's full softmax has to meet anyway. The bias of top-k
-is measured instead: the KL to the teacher of students trained online and from the cache, at equal
-tokens (benchmarks/results/teacher_cache.md).
+Top-k alone (m = 0) keeps the rest of the mass as one bin: the loss is the KL of the coarsened
+distributions, deterministic and exact at k = vocabulary, but biased: the shape of the student's
+tail (about a tenth of the teacher's mass at k = 64 on the CPU demo) is never taught. With m > 0 the
+tail is sampled from the teacher itself, so no importance weights are needed and the loss and its
+gradient are unbiased estimates of the full ones, exact on the top-k. Both are measured against
+online KD at equal tokens in benchmarks/results/distill_quality_{width,depth}.md.
 """
 
 import contextlib
@@ -55,10 +56,11 @@ def row_digest(row: np.ndarray) -> bytes:
 
 
 def cache_fingerprint(teacher_fingerprint: str, tokenizer_fingerprint: str, data_key: str, seq_len: int, vocab_size: int,
-                      top_k: int, temperature: float, dtype: str) -> dict:
+                      top_k: int, tail_samples: int, temperature: float, dtype: str) -> dict:
     """What the cached numbers depend on; a cache built for another one is refused."""
     return {"format": CACHE_FORMAT, "teacher": teacher_fingerprint, "tokenizer": tokenizer_fingerprint, "data": data_key, "seq_len": seq_len,
-            "vocab_size": vocab_size, "top_k": min(top_k, vocab_size), "temperature": temperature, "dtype": dtype}
+            "vocab_size": vocab_size, "top_k": min(top_k, vocab_size), "tail_samples": tail_samples if top_k < vocab_size else 0,
+            "temperature": temperature, "dtype": dtype}
 
 
 @dataclass
@@ -81,7 +83,7 @@ class TeacherCache:
             raise UserError(f"a training row is not in the train split the teacher cache {self.directory} was built on") from None
 
     def targets(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(indices, log_probs, rest_log_mass) of these rows, the arguments of `top_k_kl`, on the device of `input_ids`."""
+        """(indices, log_probs, rest_log_mass) of these rows, the arguments of `top_k_kl` (with this cache's tail_samples), on the device of `input_ids`."""
         slots = self.slots(input_ids.cpu().numpy())
         if not self.built[slots].all():
             raise UserError(f"the teacher cache {self.directory} lacks rows this run reads; rerun to build them")
@@ -91,7 +93,7 @@ class TeacherCache:
 
 
 def array_specs(rows: int, fingerprint: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    seq_len, k = fingerprint["seq_len"], fingerprint["top_k"]
+    seq_len, k = fingerprint["seq_len"], fingerprint["top_k"] + fingerprint["tail_samples"]
     return {"indices": ((rows, seq_len, k), np.dtype(np.int32)), "log_probs": ((rows, seq_len, k), np.dtype(np.float32)),
             "rest": ((rows, seq_len), np.dtype(np.float32))}
 
@@ -174,16 +176,25 @@ def build_lock(directory: Path):
 
 
 @torch.no_grad()
-def teacher_entries(teacher_model, input_ids: torch.Tensor, top_k: int, temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k token ids, their log-probabilities and the log of the remaining mass for each position of these rows."""
+def teacher_entries(teacher_model, input_ids: torch.Tensor, top_k: int, temperature: float, tail_samples: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each position of these rows: the top-k token ids then `tail_samples` ids drawn from the teacher outside its
+    top-k, their log-probabilities, and the log of the mass outside the top-k."""
     logits = teacher_model(input_ids=input_ids, use_cache=False).logits
     indices, log_probs, rest = [], [], []
-    for row_logits in logits:  # one row at a time: the softmax temporaries of one sequence, not of the batch
+    for row_ids, row_logits in zip(input_ids, logits):  # one row at a time: the softmax temporaries of one sequence, not of the batch
         log_p = F.log_softmax(row_logits.float() / temperature, dim=-1)
         top = log_p.topk(top_k, dim=-1)
-        rest.append(log_p.scatter(-1, top.indices, float("-inf")).logsumexp(-1).cpu().numpy())
-        indices.append(top.indices.to(torch.int32).cpu().numpy())
-        log_probs.append(top.values.cpu().numpy())
+        tail_log_p = log_p.scatter(-1, top.indices, float("-inf"))
+        rest_log_mass = tail_log_p.logsumexp(-1)
+        row_indices = top.indices
+        if tail_samples:
+            generator = torch.Generator(device=log_p.device).manual_seed(int.from_bytes(row_digest(row_ids.cpu().numpy())[:8], "little") >> 1)
+            tail = (tail_log_p - rest_log_mass[:, None]).exp()
+            tail[~torch.isfinite(rest_log_mass)] = 1.0  # no mass outside the top-k: any draw (its weight r is 0)
+            row_indices = torch.cat([top.indices, torch.multinomial(tail, tail_samples, replacement=True, generator=generator)], dim=-1)
+        rest.append(rest_log_mass.cpu().numpy())
+        indices.append(row_indices.to(torch.int32).cpu().numpy())
+        log_probs.append(log_p.gather(-1, row_indices).cpu().numpy())
     return np.stack(indices), np.stack(log_probs), np.stack(rest)
 
 
@@ -193,14 +204,14 @@ def fill_teacher_cache(cache: TeacherCache, teacher_model, rows: np.ndarray, nee
     missing = slots[~cache.built[slots]]
     if not len(missing):
         return 0
-    top_k, temperature = cache.fingerprint["top_k"], cache.fingerprint["temperature"]
+    top_k, tail_samples, temperature = cache.fingerprint["top_k"], cache.fingerprint["tail_samples"], cache.fingerprint["temperature"]
     with progress_bar("teacher cache", total=len(missing), unit="row") as bar:
         for start in range(0, len(missing), SHARD_ROWS):
             shard = missing[start : start + SHARD_ROWS]
             for batch_start in range(0, len(shard), batch_size):
                 batch = shard[batch_start : batch_start + batch_size]
                 input_ids = torch.from_numpy(np.asarray(rows[batch], dtype=np.int64)).to(device)
-                cache.indices[batch], cache.log_probs[batch], cache.rest[batch] = teacher_entries(teacher_model, input_ids, top_k, temperature)
+                cache.indices[batch], cache.log_probs[batch], cache.rest[batch] = teacher_entries(teacher_model, input_ids, top_k, temperature, tail_samples)
                 bar.update(len(batch))
             for array in (cache.indices, cache.log_probs, cache.rest):
                 array.flush()
