@@ -15,7 +15,7 @@ cached KD's tokens/s and KL against online KD's, and which of online / intermedi
     python benchmarks/bench_distill_quality.py --student width --pruned runs/mainjob-final/students/width/pruned \
         --arms online cached scratch --tokens 65536 --points 8 --work-dir runs/bench-distill-quality/width
 
-Writes benchmarks/results/distill_quality_STUDENT.{json,md,png}. A finished arm in --work-dir with the same
+Writes benchmarks/results/distill_quality_STUDENT[_TAG].{json,md,png}. A finished arm in --work-dir with the same
 settings is reused (and so are its checkpoints' evaluations, kept in its points.json), one stopped part-way resumes;
 one with other settings is an error. The checkpoints keep their students, not their optimizer states (about 0.3 GB
 each for these students).
@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--teacher-cache", type=Path, help="the cached arm's cache (default: WORK_DIR/teacher-cache; cached-sampled's: "
                                                             "the same with -tailM); share it between students")
     parser.add_argument("--tail-samples", type=int, default=32, help="tail samples per token of the cached-sampled arm's cache")
+    parser.add_argument("--tag", help="suffix of the results' file names (e.g. long: distill_quality_STUDENT_long.md), to keep another budget's curves apart")
     parser.add_argument("--work-dir", type=Path, help="where runs go (default: a temporary directory, removed at the end)")
     args = parser.parse_args()
     pin_threads(args.threads)
@@ -243,11 +244,11 @@ def main() -> None:
     seconds["total"] = time.perf_counter() - started
     results["seconds"] = seconds
     checked = claims(results, teacher_ppl)
-    name = f"distill_quality_{args.student}"
+    name = f"distill_quality_{args.student}" + (f"_{args.tag}" if args.tag else "")
     command = "python benchmarks/bench_distill_quality.py " + " ".join(
         [f"--student {args.student}", f"--pruned {args.pruned}", "--arms " + " ".join(args.arms), f"--tokens {args.tokens}", f"--points {args.points}"]
         + ([f"--teacher-cache {args.teacher_cache}"] if args.teacher_cache else []) + ([f"--work-dir {args.work_dir}"] if args.work_dir else [])
-        + ([f"--tail-samples {args.tail_samples}"] if "cached-sampled" in args.arms else []))
+        + ([f"--tail-samples {args.tail_samples}"] if "cached-sampled" in args.arms else []) + ([f"--tag {args.tag}"] if args.tag else []))
     payload = {
         "benchmark": f"quality curves of the {args.student} student: " + ", ".join(args.arms), "command": command,
         "teacher": args.teacher, "data": args.data, "pruned_student": str(args.pruned), "budget_tokens": args.tokens, "steps": steps,
