@@ -184,12 +184,12 @@ def teacher_entries(teacher_model, input_ids: torch.Tensor, top_k: int, temperat
     for row_ids, row_logits in zip(input_ids, logits):  # one row at a time: the softmax temporaries of one sequence, not of the batch
         log_p = F.log_softmax(row_logits.float() / temperature, dim=-1)
         top = log_p.topk(top_k, dim=-1)
-        tail_log_p = log_p.scatter(-1, top.indices, float("-inf"))
-        rest_log_mass = tail_log_p.logsumexp(-1)
+        tail = log_p.scatter(-1, top.indices, float("-inf"))
+        rest_log_mass = tail.logsumexp(-1)
         row_indices = top.indices
-        if tail_samples:
+        if tail_samples:  # in place: at Llama-3's vocabulary and 4,096 tokens each [seq, vocab] copy is 2 GiB
             generator = torch.Generator(device=log_p.device).manual_seed(int.from_bytes(row_digest(row_ids.cpu().numpy())[:8], "little") >> 1)
-            tail = (tail_log_p - rest_log_mass[:, None]).exp()
+            tail.sub_(rest_log_mass[:, None]).exp_()
             tail[~torch.isfinite(rest_log_mass)] = 1.0  # no mass outside the top-k: any draw (its weight r is 0)
             row_indices = torch.cat([top.indices, torch.multinomial(tail, tail_samples, replacement=True, generator=generator)], dim=-1)
         rest.append(rest_log_mass.cpu().numpy())
