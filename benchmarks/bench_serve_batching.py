@@ -8,8 +8,10 @@ The engine defaults to smollm2-135m depth-pruned to 15 layers (`minitron prune -
 (`toolchain.serve.serving`, the same engine threads): in-flight and static at max batch 32, and static at the cpu-fp32
 profile's own max batch 4 (what `minitron serve` ran before in-flight batching); at each stream count N the bench harness's
 closed loop (toolchain.bench.load): N streaming gRPC clients, 128-token prompts of the data's eval split, 32 new
-tokens, greedy, `--rounds` requests per client after a warm-up. Records TTFT, end-to-end latency, output tokens/s
-and the server's memory (RSS of tritonserver + its python stubs, peak while measuring).
+tokens, greedy, `--rounds` measured requests per client in steady state (after one warm-up request per client, with the
+load kept until the last measured request ends). Records TTFT, end-to-end latency, output tokens/s, the server's memory
+(RSS of tritonserver + its python stubs, peak while measuring) and, at the most streams, latency percentiles per
+`--window` seconds of the measurement.
 Writes benchmarks/results/serve_batching.{json,md}.
 """
 
@@ -20,12 +22,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_results  # noqa: E402
 from peak import PeakSampler  # noqa: E402
 from soak_serve import WORK, group_rss_mb  # noqa: E402
 
 from toolchain.bench.load import run_load_point  # noqa: E402
+from toolchain.bench.metrics import percentile  # noqa: E402
 from toolchain.bench.runners import TritonRunner  # noqa: E402
 from toolchain.bench.workloads import draw_requests, load_workload  # noqa: E402
 from toolchain.manifest import read_manifest  # noqa: E402
@@ -47,7 +52,19 @@ def default_engine() -> Path:
     return engine_dir
 
 
-def measure(engine_dir: Path, mode: str, points, threads: int, max_batch: int) -> dict:
+def latency_windows(samples: dict, window_s: float) -> list[dict]:
+    """TTFT and end-to-end percentiles of the requests sent in each `window_s` of the measurement."""
+    windows = []
+    for start in np.arange(0.0, max(samples["sent_s"]) + 1e-9, window_s):
+        inside = [index for index, sent in enumerate(samples["sent_s"]) if start <= sent < start + window_s]
+        if inside:
+            windows.append({"window_start_s": float(start), "requests": len(inside),
+                            **{f"{name}_{q}": percentile([samples[name][index] for index in inside], int(q[1:]))
+                               for name in ("ttft_ms", "e2e_ms") for q in ("p50", "p99")}})
+    return windows
+
+
+def measure(engine_dir: Path, mode: str, points, threads: int, max_batch: int, window_s: float) -> dict:
     """Serve the engine batching as `mode` says, up to `max_batch` requests, and run every load point against it."""
     settings = ServeConfig(threads=threads, batching=mode, max_batch_size=max_batch)
     results = {"load_points": []}
@@ -58,8 +75,9 @@ def measure(engine_dir: Path, mode: str, points, threads: int, max_batch: int) -
         for point in points:
             with PeakSampler(lambda: group_rss_mb(pgid), 0.5) as rss:
                 metrics = run_load_point(send, point)
-            metrics.pop("samples")
+            samples = metrics.pop("samples")
             metrics["rss_peak_mb"] = rss.peak
+            metrics["windows"] = latency_windows(samples, window_s)
             results["load_points"].append(metrics)
             print(f"{mode:8s} batch {max_batch:2d} streams {point.load['concurrency']:3d}: TTFT p50 {metrics['ttft_ms']['p50']:.0f} ms, "
                   f"p99 {metrics['ttft_ms']['p99']:.0f} ms, e2e p50 {metrics['e2e_ms']['p50']:.0f} ms, "
@@ -72,7 +90,8 @@ def main() -> None:
     parser.add_argument("--engine", type=Path, help="a CPU engine directory (default: the 15-layer smollm2 student, built if missing)")
     parser.add_argument("--threads", type=int, default=2, help="engine threads (the same for both modes)")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 32])
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client at each load point")
+    parser.add_argument("--rounds", type=int, default=4, help="measured requests per client at each load point")
+    parser.add_argument("--window", type=float, default=5.0, help="seconds per window of the latency-over-time table")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=32)
     args = parser.parse_args()
@@ -83,12 +102,12 @@ def main() -> None:
     if manifest.max_batch_size < max_batch:
         raise SystemExit(f"{engine_dir} allows batches of {manifest.max_batch_size}; build it with --max-batch-size {max_batch}")
     workload = load_workload("cpu-128-128", {"input_len": args.input_len, "output_len": args.output_len, "concurrency": args.streams,
-                                             "requests": [n * args.rounds for n in args.streams], "warmup": 2})
+                                             "requests": [n * args.rounds for n in args.streams], "warmup": 1})
     points = draw_requests(workload, read_tokenizer(engine_dir / manifest.tokenizer_dir), DataConfig())
     started = time.time()
     static_batch = min(CPU_PROFILE_BATCH, max_batch)
     runs = {"inflight": ("inflight", max_batch), "static": ("static", max_batch), f"static-b{static_batch}": ("static", static_batch)}
-    modes = {label: {"batching": mode, "max_batch_size": batch, **measure(engine_dir, mode, points, args.threads, batch)}
+    modes = {label: {"batching": mode, "max_batch_size": batch, **measure(engine_dir, mode, points, args.threads, batch, args.window)}
              for label, (mode, batch) in runs.items()}
 
     def at(label: str, streams: int) -> dict:
@@ -120,7 +139,8 @@ def main() -> None:
              f"Command: `{payload['command']}`", "",
              f"Engine {engine_dir.name} (profile {manifest.profile_name}), {args.threads} engine threads, "
              f"{args.input_len}-token prompts of the data's eval split, {args.output_len} new tokens, greedy, streaming gRPC, closed loop "
-             f"with {args.rounds} requests per client after 2 warm-up requests. Machine: {os.cpu_count()} cores shared with other jobs "
+             f"in steady state: {args.rounds} measured requests per client after one warm-up request per client, the load kept "
+             f"until the last measured request ends (tokens/s counts every token inside that window). Machine: {os.cpu_count()} cores shared with other jobs "
              f"(runs serialised by /work/cpu.lock); one run, {payload['minutes']:.1f} min.", "",
              "| batching | max batch | streams | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | output tok/s | errors | server RSS peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -136,6 +156,12 @@ def main() -> None:
                      f"output tok/s {ratio['tokens_per_s_inflight_over_static']:.2f}.")
     if scaling:
         lines.append("Output tok/s at 16 streams over one stream: " + ", ".join(f"{label} {value:.2f}x" for label, value in scaling.items()) + ".")
+    lines += ["", f"Latency over time at {most} streams: percentiles of the requests sent in each {args.window:g} s of the measurement.", "",
+              "| batching | max batch | window start s | requests | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms |", "|---|---|---|---|---|---|---|---|"]
+    for label in runs:
+        for window in at(label, most)["windows"]:
+            lines.append(f"| {modes[label]['batching']} | {modes[label]['max_batch_size']} | {window['window_start_s']:.0f} | {window['requests']} | "
+                         f"{window['ttft_ms_p50']:.0f} | {window['ttft_ms_p99']:.0f} | {window['e2e_ms_p50']:.0f} | {window['e2e_ms_p99']:.0f} |")
     lines += ["", "Issue 12 targets:", ""] + [f"- {name}: **{'met' if met else 'not met'}**" for name, met in targets.items()]
     write_results("serve_batching", payload, "\n".join(lines))
     print("\n".join(lines))

@@ -51,10 +51,13 @@ def check_results(results: dict, out, labels=("teacher", "student")) -> None:
             assert 0 < point["output_tokens_per_request"] <= 6
             assert point["bound"]["tokens_per_s"] > 0 and point["bound"]["fraction"] > 0 and point["bound"]["bytes_per_token"] > 0
             assert point["harness"]["seconds_per_token"] > 0
-    for point in results["models"][1]["load_points"]:
+    teacher_points, student_points = (model["load_points"] for model in results["models"])
+    assert teacher_points[0]["bound"]["batch"] == student_points[0]["bound"]["batch"] == 1  # one client: batch 1 for both
+    for point, teacher_point in zip(student_points, teacher_points):
         speedup = point["speedup"]
         assert speedup["output_tokens_per_s"] > 0 and speedup["fraction_of_bound"] == pytest.approx(speedup["output_tokens_per_s"] / speedup["bound"])
-        assert speedup["bytes_ratio"] > 1.5  # 2 of 4 layers: about half the bytes (the lm_head is shared)
+        if point["bound"]["batch"] == teacher_point["bound"]["batch"]:  # each rounds its own measured batch (two clients: near 1.5)
+            assert speedup["bytes_ratio"] > 1.5  # 2 of 4 layers: about half the bytes (the lm_head is shared)
     assert "speedup" not in results["models"][0]["load_points"][0]
     assert results["bound_device"]["bandwidth_gb_s"] > 0 and "measured here" in results["bound_device"]["source"]
     assert results["environment"]["libraries"]["torch"] and results["environment"]["cpu"]

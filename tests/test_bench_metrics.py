@@ -51,6 +51,17 @@ def test_load_point_metrics_from_timelines():
     assert metrics["samples"]["output_tokens"] == [3, 5]
 
 
+
+def test_throughput_counts_the_unmeasured_requests_inside_the_window():
+    measured = [record(1.0, [1.5, 2.0], finished=2.0), record(1.5, [2.5, 3.0], finished=3.0)]  # window 1.0 .. 3.0
+    background = [record(0.0, [0.5, 1.2, 1.8], finished=1.8),  # a warm-up: 2 of its tokens and its end inside
+                  record(2.5, [2.8, 3.5], finished=3.5)]  # keeps the load: 1 token inside, ends after
+    metrics = load_point_metrics(measured, started=1.0, stopped=3.0, background=background)
+    assert metrics["requests"] == 2 and metrics["e2e_ms"]["max"] == pytest.approx(1500)  # latencies: measured only
+    assert metrics["output_tokens_per_s"] == pytest.approx((4 + 2 + 1) / 2.0)
+    assert metrics["requests_per_s"] == pytest.approx(3.5 / 2)  # the token rate over the measured answers' 2 tokens
+    assert metrics["mean_in_flight"] == pytest.approx((1.0 + 1.5 + 0.8 + 0.5) / 2.0)
+
 def requests(count: int, tokens: int = 3) -> list[BenchRequest]:
     return [BenchRequest(f"prompt {i}", (1, 2, 3), tokens) for i in range(count)]
 
@@ -95,3 +106,28 @@ def test_open_loop_sends_at_the_arrival_times():
     assert metrics["requests"] == 4 and metrics["errors"] == 0
     offsets = [at - sent[0] for at in sorted(sent)]
     assert offsets == pytest.approx(arrivals, abs=0.05)
+
+
+def test_closed_loop_measures_at_full_concurrency_from_first_to_last_request():
+    """No drain after the warm-up, no drain at the end: every measured request shares its whole life with concurrency - 1 others."""
+    lives = []  # (prompt, start, end) of every request sent
+    lock = threading.Lock()
+
+    def send(request):
+        start = time.perf_counter()
+        try:
+            for _ in range(request.max_new_tokens):
+                time.sleep(0.01)
+                yield 1
+        finally:
+            with lock:
+                lives.append((request.prompt, start, time.perf_counter()))
+
+    warmup = [BenchRequest(f"warm-up {i}", (1, 2, 3), 3) for i in range(3)]
+    metrics = run_load_point(send, LoadPointRequests({"concurrency": 3}, warmup, requests(7, tokens=5), None))
+    assert metrics["requests"] == 7 and metrics["errors"] == 0
+    for prompt, start, end in (life for life in lives if life[0].startswith("prompt")):
+        others = sum(max(0.0, min(end, e) - max(start, s)) for p, s, e in lives if p != prompt) / (end - start)
+        assert others > 2 - 0.2, f"{prompt} ran beside {others:.2f} other requests on average, not 2"
+    assert metrics["mean_in_flight"] == pytest.approx(3, abs=0.2)
+    assert metrics["output_tokens_per_s"] == pytest.approx(3 / 0.01, rel=0.35)  # 3 streams of one token per 10 ms

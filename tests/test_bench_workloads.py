@@ -83,6 +83,15 @@ def test_bad_workloads_are_one_line_errors(overrides, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+
+def test_a_closed_loop_warms_up_with_one_request_per_client_at_least(tokenizer):
+    """So no measured request meets the synchronized start of idle clients; an open loop keeps its warm-up count."""
+    closed = draw_requests(load_workload("cpu-smoke", {"warmup": 2, "requests": 3, "input_len": 8, "output_len": 2, "concurrency": [1, 4]}), tokenizer)
+    assert [len(point.warmup) for point in closed] == [2, 4] and [len(point.measured) for point in closed] == [3, 3]
+    assert len({request.prompt for request in closed[1].warmup + closed[1].measured}) == 7  # warm-ups are requests of their own
+    opened = draw_requests(load_workload("cpu-poisson", {"warmup": 1, "requests": 2, "prompts": "synthetic", "input_len": 8, "output_len": 2}), tokenizer)
+    assert all(len(point.warmup) == 1 for point in opened)
+
 def test_one_sweep_and_overriding_it(tmp_path):
     both = tmp_path / "both.yaml"
     both.write_text(yaml.safe_dump({"concurrency": [1], "request_rate": [1.0]}))

@@ -3,13 +3,20 @@
 `run_load_point(send, point)` takes a `send(request)` that returns an iterator over the pieces of the
 answer as they arrive (each piece: how many tokens it holds) and raises RequestFailed when the
 backend refuses or fails the request. Every request runs in its own client thread; the client takes
-the time the moment a piece arrives, so TTFT and ITL are what a caller of that backend sees. The
+the time the moment a piece arrives, so TTFT and ITL are what a caller of that backend sees. A closed
+loop measures steady state, as perf_analyzer does: its clients go from the warm-up requests straight
+to the measured ones and keep sending (unmeasured) requests until the last measured one ends, so
+every measured request meets the full concurrency, not the synchronized start of N idle clients nor
+the drain of the last ones; the load point's throughput counts every token that arrives while the
+measured requests run, theirs and the others'. The
 time the client spends on its own bookkeeping per token is measured and reported (`harness`), so a
 result says how much of a latency is the harness's. Pure Python, like metrics.py.
 """
 
+import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -43,16 +50,17 @@ Send = Callable[[BenchRequest], Iterator[int]]
 
 
 class Client:
-    """Runs requests through `send` and keeps their records and the harness's own time per token."""
+    """Runs requests through `send` and keeps their records (measured or not) and the harness's own time per measured token."""
 
     def __init__(self, send: Send):
         self.send = send
         self.lock = threading.Lock()
         self.records: list[RequestRecord] = []
+        self.unmeasured: list[RequestRecord] = []  # warm-up and load-keeping requests: throughput, never latency
         self.harness_seconds = 0.0
         self.harness_tokens = 0
 
-    def run(self, request) -> None:
+    def run(self, request, measured: bool = True) -> None:
         record = RequestRecord(sent=time.perf_counter(), input_tokens=len(request.prompt_ids))
         overhead = 0.0
         try:
@@ -64,25 +72,38 @@ class Client:
             record.error = str(exc)
         record.finished = time.perf_counter()
         with self.lock:
+            if not measured:
+                self.unmeasured.append(record)
+                return
             self.records.append(record)
             self.harness_seconds += overhead
             self.harness_tokens += record.output_tokens
 
 
-def closed_loop(client: Client, requests: list, concurrency: int) -> None:
-    """`concurrency` threads, each sending its next request when its last one is answered, until all are sent."""
-    pending = iter(requests)
+def closed_loop(client: Client, warmup: list, measured: list, concurrency: int) -> None:
+    """`concurrency` threads, each sending its next request when its last one is answered: the warm-up requests, then the
+    measured ones, then warm-up (or measured) requests again, unmeasured, while any measured request is still running."""
+    pending = deque([(request, False) for request in warmup] + [(request, True) for request in measured])
+    keep_load = itertools.cycle(warmup or measured)
+    running_measured = len(measured)
     lock = threading.Lock()
 
     def worker() -> None:
+        nonlocal running_measured
         while True:
             with lock:
-                request = next(pending, None)
-            if request is None:
-                return
-            client.run(request)
+                if pending:
+                    request, is_measured = pending.popleft()
+                elif running_measured:
+                    request, is_measured = next(keep_load), False
+                else:
+                    return
+            client.run(request, is_measured)
+            if is_measured:
+                with lock:
+                    running_measured -= 1
 
-    threads = [threading.Thread(target=worker, name=f"bench-client-{i}") for i in range(min(concurrency, len(requests)))]
+    threads = [threading.Thread(target=worker, name=f"bench-client-{i}") for i in range(min(concurrency, len(warmup) + len(measured)))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -105,18 +126,20 @@ def open_loop(client: Client, requests: list, arrivals: list[float]) -> None:
 
 
 def run_load_point(send: Send, point) -> dict:
-    """Warm up, then measure one load point; returns its metrics (metrics.load_point_metrics) and `harness`."""
+    """Warm up, then measure one load point; returns its metrics (metrics.load_point_metrics) and `harness`.
+
+    The measurement window runs from the first measured request's send to the last one's end."""
     concurrency = point.load.get("concurrency", 1)
-    if point.warmup:
-        closed_loop(Client(send), point.warmup, concurrency)
     client = Client(send)
-    started = time.perf_counter()
     if point.arrivals is None:
-        closed_loop(client, point.measured, concurrency)
+        closed_loop(client, point.warmup, point.measured, concurrency)
     else:
+        if point.warmup:
+            closed_loop(Client(send), point.warmup, [], concurrency)
         open_loop(client, point.measured, point.arrivals)
-    stopped = time.perf_counter()
-    metrics = {"load": dict(point.load), **load_point_metrics(client.records, started, stopped)}
+    started = min(record.sent for record in client.records)
+    stopped = max(record.finished for record in client.records)
+    metrics = {"load": dict(point.load), **load_point_metrics(client.records, started, stopped, client.unmeasured)}
     per_token = client.harness_seconds / client.harness_tokens if client.harness_tokens else None
     itl = metrics["itl_ms"].get("mean")
     metrics["harness"] = {"seconds_per_token": per_token,

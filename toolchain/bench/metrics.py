@@ -70,19 +70,32 @@ def summarize(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), **{f"p{q}": percentile(values, q) for q in PERCENTILES}, "min": min(values), "max": max(values)}
 
 
-def load_point_metrics(records: list[RequestRecord], started: float, stopped: float) -> dict:
+def overlap(start: float, end: float, window_start: float, window_end: float) -> float:
+    return max(0.0, min(end, window_end) - max(start, window_start))
+
+
+def load_point_metrics(records: list[RequestRecord], started: float, stopped: float, background: list[RequestRecord] = ()) -> dict:
     """The metrics of one load point: `records` of its measured requests, sent from `started` until `stopped` (perf_counter seconds).
 
-    Throughputs are over the load point's wall time; latencies over the answered requests; a failed
-    request counts in `errors` and nowhere else. `samples` keeps every request's values (for plots).
+    Latencies are over the answered measured requests; a failed request counts in `errors` and nowhere
+    else. Throughputs and the Little's-law counts are over the window from `started` to `stopped` and
+    take in `background`, requests that kept the load during it unmeasured (a closed loop's warm-up and
+    load-keeping requests): every token that arrived inside the window; requests/s is that token rate
+    over the measured requests' mean answer length (counting the answers that end inside the window
+    would count the warm-ups a closed loop's clients were finishing when the window opened).
+    `samples` keeps every measured request's values and its send time in the window (for plots).
     """
     answered = [record for record in records if record.answered]
+    in_window = [*answered, *(record for record in background if record.answered)]
     wall = stopped - started
     output_tokens = [record.output_tokens for record in answered]
+    window_tokens = sum(count for record in in_window for at, count in zip(record.arrivals, record.tokens) if started <= at <= stopped)
     itls = [record.itl() for record in answered]
     itl_values = [value for value in itls if value is not None]
     ms = lambda values: [value * 1e3 for value in values]  # noqa: E731
     ttft, e2e = [record.ttft() for record in answered], [record.e2e() for record in answered]
+    in_flight = sum(overlap(record.sent, record.sent + record.e2e(), started, stopped) for record in in_window)
+    decoding = sum(overlap(record.arrivals[0], record.arrivals[-1], started, stopped) for record in in_window)
     return {
         "requests": len(records),
         "errors": len(records) - len(answered),
@@ -93,10 +106,11 @@ def load_point_metrics(records: list[RequestRecord], started: float, stopped: fl
         "ttft_ms": summarize(ms(ttft)),
         "itl_ms": summarize(ms(itl_values)),
         "e2e_ms": summarize(ms(e2e)),
-        "requests_per_s": len(answered) / wall if wall > 0 else None,
-        "output_tokens_per_s": sum(output_tokens) / wall if wall > 0 else None,
+        "requests_per_s": window_tokens / statistics.fmean(output_tokens) / wall if wall > 0 and answered and any(output_tokens) else None,
+        "output_tokens_per_s": window_tokens / wall if wall > 0 else None,
         "output_tokens_per_s_per_user": statistics.fmean([1 / value for value in itl_values if value > 0]) if itl_values else None,
-        "mean_in_flight": sum(e2e) / wall if wall > 0 else None,  # Little's law: the average number of requests sent and not yet answered
-        "mean_decoding": sum(record.arrivals[-1] - record.arrivals[0] for record in answered) / wall if wall > 0 else None,  # ... between first and last token
-        "samples": {"ttft_ms": ms(ttft), "itl_ms": ms(itl_values), "e2e_ms": ms(e2e), "output_tokens": output_tokens},
+        "mean_in_flight": in_flight / wall if wall > 0 else None,  # Little's law: the average number of requests sent and not yet answered
+        "mean_decoding": decoding / wall if wall > 0 else None,  # ... between first and last token
+        "samples": {"ttft_ms": ms(ttft), "itl_ms": ms(itl_values), "e2e_ms": ms(e2e), "output_tokens": output_tokens,
+                    "sent_s": [record.sent - started for record in answered]},
     }

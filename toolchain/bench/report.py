@@ -40,7 +40,7 @@ def format_workload(results: dict) -> str:
     length = lambda value: str(value) if isinstance(value, int) else f"{value['distribution']} [{value['min']}, {value['max']}]"  # noqa: E731
     sweep = f"concurrency {w['concurrency']}" if w.get("concurrency") else f"Poisson arrivals at {w['request_rate']} req/s"
     return (f"workload `{w['name']}`: {length(w['input_len'])} prompt tokens, {length(w['output_len'])} new tokens (greedy), "
-            f"{w['requests']} measured requests after {w['warmup']} warm-up per load point, {sweep}, prompts {w['prompts']}, seed {w['seed']}")
+            f"{w['requests']} measured requests after {w['warmup']} warm-up (a closed loop: at least one per client) per load point, {sweep}, prompts {w['prompts']}, seed {w['seed']}")
 
 
 def format_results(results: dict, plots_prefix: str = "") -> str:

@@ -65,7 +65,7 @@ class Workload(Section):
     output_len: int | LengthDistribution = Field(128, description="New tokens asked for per request (EOS may end one earlier): a number or a distribution.")
     requests: int | list[int] = Field(
         16, description="Measured requests per load point: one number, or one per load point (batch 1 needs fewer than saturation).")
-    warmup: int = Field(1, ge=0, description="Requests sent before each load point's measured ones, at the same load, and not measured.")
+    warmup: int = Field(1, ge=0, description="Requests sent before each load point's measured ones, at the same load, and not measured; a closed loop sends at least one per client, so no measured request meets the clients' synchronized start.")
     concurrency: list[int] | None = Field(None, min_length=1, description="Closed loop: this many clients each send a request when their last one is answered; one load point per value.")
     request_rate: list[float] | None = Field(None, min_length=1, description="Open loop: requests arrive as a Poisson process at this many per second; one load point per value.")
     seed: int = Field(0, description="Seed of the prompts, the drawn lengths and the arrival times.")
@@ -117,6 +117,10 @@ class Workload(Section):
     def requests_at(self, index: int) -> int:
         """Measured requests of load point `index`."""
         return self.requests[index] if isinstance(self.requests, list) else self.requests
+
+    def warmup_at(self, index: int) -> int:
+        """Warm-up requests of load point `index`: `warmup`, and in a closed loop at least one per client."""
+        return max(self.warmup, self.load_points()[index].get("concurrency", 0))
 
     def load_points(self) -> list[dict]:
         """The sweep as load descriptions, in order: {"concurrency": c} or {"request_rate": r}."""
@@ -213,7 +217,8 @@ def draw_requests(workload: Workload, tokenizer, data: DataConfig | None = None)
     points = []
     for index, load in enumerate(workload.load_points()):
         rng = np.random.default_rng([workload.seed, index])
-        count = workload.warmup + workload.requests_at(index)
+        warmup = workload.warmup_at(index)
+        count = warmup + workload.requests_at(index)
         inputs = draw_lengths(workload.input_len, rng, count)
         outputs = draw_lengths(workload.output_len, rng, count)
         source = data_ids(tokenizer, data, max(inputs)) if workload.prompts == "data" else synthetic_ids(tokenizer, rng)
@@ -225,7 +230,7 @@ def draw_requests(workload: Workload, tokenizer, data: DataConfig | None = None)
         if "request_rate" in load:
             gaps = np.random.default_rng([workload.seed, index, 1]).exponential(1 / load["request_rate"], size=workload.requests_at(index))
             arrivals = [float(value) for value in np.cumsum(gaps) - gaps[0]]  # the first request goes at once
-        points.append(LoadPointRequests(load, requests[:workload.warmup], requests[workload.warmup:], arrivals))
+        points.append(LoadPointRequests(load, requests[:warmup], requests[warmup:], arrivals))
     return points
 
 
