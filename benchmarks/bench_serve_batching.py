@@ -1,6 +1,6 @@
 """Static vs in-flight batching of `minitron serve` on a CPU engine, side by side in one run (issue 12's targets).
 
-    flock /work/cpu.lock python benchmarks/bench_serve_batching.py [--engine DIR] [--threads 2] [--streams 1 4 16 32]
+    flock /work/cpu.lock python benchmarks/bench_serve_batching.py [--engine DIR] [--threads 2] [--streams 1 4 16 32] [--results NAME]
 
 The engine defaults to smollm2-135m depth-pruned to 15 layers (`minitron prune --model smollm2-135m --num-layers 15
 --calibration-samples 64`), built with `minitron build --profile cpu-fp32 --max-batch-size 32`, cached under
@@ -22,15 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_results  # noqa: E402
+from common import latency_windows, machine, write_results  # noqa: E402
 from peak import PeakSampler  # noqa: E402
 from soak_serve import WORK, group_rss_mb  # noqa: E402
 
 from toolchain.bench.load import run_load_point  # noqa: E402
-from toolchain.bench.metrics import percentile  # noqa: E402
 from toolchain.bench.runners import TritonRunner  # noqa: E402
 from toolchain.bench.workloads import draw_requests, load_workload  # noqa: E402
 from toolchain.manifest import read_manifest  # noqa: E402
@@ -52,18 +49,6 @@ def default_engine() -> Path:
     return engine_dir
 
 
-def latency_windows(samples: dict, window_s: float) -> list[dict]:
-    """TTFT and end-to-end percentiles of the requests sent in each `window_s` of the measurement."""
-    windows = []
-    for start in np.arange(0.0, max(samples["sent_s"]) + 1e-9, window_s):
-        inside = [index for index, sent in enumerate(samples["sent_s"]) if start <= sent < start + window_s]
-        if inside:
-            windows.append({"window_start_s": float(start), "requests": len(inside),
-                            **{f"{name}_{q}": percentile([samples[name][index] for index in inside], int(q[1:]))
-                               for name in ("ttft_ms", "e2e_ms") for q in ("p50", "p99")}})
-    return windows
-
-
 def measure(engine_dir: Path, mode: str, points, threads: int, max_batch: int, window_s: float) -> dict:
     """Serve the engine batching as `mode` says, up to `max_batch` requests, and run every load point against it."""
     settings = ServeConfig(threads=threads, batching=mode, max_batch_size=max_batch)
@@ -77,7 +62,7 @@ def measure(engine_dir: Path, mode: str, points, threads: int, max_batch: int, w
                 metrics = run_load_point(send, point)
             samples = metrics.pop("samples")
             metrics["rss_peak_mb"] = rss.peak
-            metrics["windows"] = latency_windows(samples, window_s)
+            metrics["windows"] = latency_windows(samples["sent_s"], {name: samples[name] for name in ("ttft_ms", "e2e_ms")}, window_s)
             results["load_points"].append(metrics)
             print(f"{mode:8s} batch {max_batch:2d} streams {point.load['concurrency']:3d}: TTFT p50 {metrics['ttft_ms']['p50']:.0f} ms, "
                   f"p99 {metrics['ttft_ms']['p99']:.0f} ms, e2e p50 {metrics['e2e_ms']['p50']:.0f} ms, "
@@ -94,6 +79,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=5.0, help="seconds per window of the latency-over-time table")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--results", default="serve_batching", help="name of the results files in benchmarks/results/")
     args = parser.parse_args()
 
     engine_dir = args.engine or default_engine()
@@ -137,7 +123,7 @@ def main() -> None:
                "targets_met": targets, "machine": machine()}
     lines = [f"# Static vs in-flight batching of `minitron serve` ({engine_dir.name})", "",
              f"Command: `{payload['command']}`", "",
-             f"Engine {engine_dir.name} (profile {manifest.profile_name}), {args.threads} engine threads, "
+             f"Engine {engine_dir.name} (profile {manifest.profile_name}), {args.threads} engine thread{'s' if args.threads > 1 else ''}, "
              f"{args.input_len}-token prompts of the data's eval split, {args.output_len} new tokens, greedy, streaming gRPC, closed loop "
              f"in steady state: {args.rounds} measured requests per client after one warm-up request per client, the load kept "
              f"until the last measured request ends (tokens/s counts every token inside that window). Machine: {os.cpu_count()} cores shared with other jobs "
@@ -163,7 +149,7 @@ def main() -> None:
             lines.append(f"| {modes[label]['batching']} | {modes[label]['max_batch_size']} | {window['window_start_s']:.0f} | {window['requests']} | "
                          f"{window['ttft_ms_p50']:.0f} | {window['ttft_ms_p99']:.0f} | {window['e2e_ms_p50']:.0f} | {window['e2e_ms_p99']:.0f} |")
     lines += ["", "Issue 12 targets:", ""] + [f"- {name}: **{'met' if met else 'not met'}**" for name, met in targets.items()]
-    write_results("serve_batching", payload, "\n".join(lines))
+    write_results(args.results, payload, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -19,12 +19,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_results  # noqa: E402
+from common import latency_windows, machine, write_results  # noqa: E402
 
 from toolchain.bench.metrics import percentile  # noqa: E402
+from toolchain.bench.report import number, share  # noqa: E402
 from toolchain.generate import generate_text  # noqa: E402
 from toolchain.paths import cache_dir  # noqa: E402
 
@@ -58,6 +60,23 @@ def group_processes(pgid: int) -> int:
         except (OSError, IndexError, ValueError):
             continue
     return count
+
+
+def engine_counters(metrics_url: str) -> tuple[float, float]:
+    """The served engine's summed step seconds and output tokens so far (its custom metrics on the metrics page)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        page = response.read().decode()
+    return tuple(float(re.search(rf'^{name}{{model="ensemble"}} (\S+)$', page, re.MULTILINE).group(1))
+                 for name in ("minitron_step_seconds_sum", "minitron_output_tokens"))
+
+
+def engine_in_window(samples: list[tuple], start: float, end: float) -> dict:
+    """Engine busy share and engine ms per output token between the samples nearest `start` and `end`: a slower engine
+    raises the ms per token, a server that feeds it less lowers the busy share."""
+    first = min(samples, key=lambda sample: abs(sample[0] - start))
+    last = min(samples, key=lambda sample: abs(sample[0] - end))
+    seconds, busy, tokens = last[0] - first[0], last[1] - first[1], last[2] - first[2]
+    return {"engine_busy": busy / seconds if seconds > 0 else None, "engine_ms_per_token": 1e3 * busy / tokens if tokens else None}
 
 
 def main() -> None:
@@ -96,7 +115,7 @@ def main() -> None:
         if not line:
             raise SystemExit(f"minitron serve failed:\n{banner}")
         banner += line
-    grpc_url = re.search(r"gRPC\s+(\S+)", banner).group(1)
+    grpc_url, metrics_url = (re.search(rf"{name}\s+(\S+)", banner).group(1) for name in ("gRPC", "metrics"))
     pgid = int(re.search(r"process group (\d+)", banner).group(1))
     threading.Thread(target=server.stdout.read, daemon=True).start()  # keep the pipe drained
 
@@ -105,6 +124,7 @@ def main() -> None:
     rss_start = group_rss_mb(pgid)
     records, lock = [], threading.Lock()
     t0 = time.monotonic()
+    engine_samples = [(0.0, *engine_counters(metrics_url))]  # (seconds, step seconds, output tokens)
     deadline = t0 + args.duration_s
 
     def client(seed: int) -> None:
@@ -128,6 +148,7 @@ def main() -> None:
     while time.monotonic() < deadline:
         time.sleep(min(10, max(0.1, deadline - time.monotonic())))
         rss_samples.append((round(time.monotonic() - t0), group_rss_mb(pgid)))
+        engine_samples.append((time.monotonic() - t0, *engine_counters(metrics_url)))
     for thread in clients:
         thread.join()
     rss_end = group_rss_mb(pgid)
@@ -136,16 +157,13 @@ def main() -> None:
     time.sleep(2)
     left_behind = group_processes(pgid)
 
-    windows = []
-    for start in range(0, int(args.duration_s + args.window_s), int(args.window_s)):
-        inside = [r for r in records if start <= r["t"] < start + args.window_s]
-        ok = [r for r in inside if r["error"] is None]
-        if not inside:
-            continue
-        windows.append({"window_start_s": start, "requests": len(inside), "errors": len(inside) - len(ok),
-                        "latency_p50_s": percentile([r["latency_s"] for r in ok], 50), "latency_p90_s": percentile([r["latency_s"] for r in ok], 90),
-                        "latency_p99_s": percentile([r["latency_s"] for r in ok], 99), "ttft_p50_s": percentile([r["ttft_s"] for r in ok if r["ttft_s"]], 50),
-                        "ttft_p99_s": percentile([r["ttft_s"] for r in ok if r["ttft_s"]], 99)})
+    answered = [record["error"] is None for record in records]
+    windows = latency_windows([record["t"] for record in records],
+                              {"latency_s": [record["latency_s"] if ok else None for record, ok in zip(records, answered)],
+                               "ttft_s": [record["ttft_s"] if ok else None for record, ok in zip(records, answered)]},
+                              args.window_s, (50, 90, 99), failed=[not ok for ok in answered])
+    for window in windows:
+        window.update(engine_in_window(engine_samples, window["window_start_s"], min(window["window_start_s"] + args.window_s, args.duration_s)))
     ok = [r for r in records if r["error"] is None]
     errors = [r["error"] for r in records if r["error"] is not None]
     output_tokens = sum(r["tokens"] for r in ok)
@@ -157,7 +175,7 @@ def main() -> None:
                "latency_p50_s": percentile([r["latency_s"] for r in ok], 50), "latency_p99_s": percentile([r["latency_s"] for r in ok], 99),
                "rss_start_mb": rss_start, "rss_end_mb": rss_end, "rss_growth_pct": 100 * (rss_end - rss_start) / rss_start,
                "rss_first_loaded_mb": rss_samples[0][1], "rss_growth_under_load_pct": 100 * (rss_end - rss_samples[0][1]) / rss_samples[0][1],
-               "rss_samples": rss_samples, "windows": windows, "server_exit_code": server.returncode,
+               "rss_samples": rss_samples, "engine_samples": engine_samples, **engine_in_window(engine_samples, 0, args.duration_s), "windows": windows, "server_exit_code": server.returncode,
                "processes_left_after_sigterm": left_behind, "machine": machine()}
     lines = [f"# Soak: {args.clients} streaming gRPC clients for {args.duration_s / 60:.1f} min against `minitron serve`", "",
              f"Command: `{payload['command']}`", "",
@@ -171,9 +189,13 @@ def main() -> None:
              f"(**{payload['rss_growth_pct']:+.1f}%**); first sample under full load ({rss_samples[0][0]} s) {rss_samples[0][1]:.0f} MB, "
              f"growth from there **{payload['rss_growth_under_load_pct']:+.1f}%**; exit code after SIGTERM {server.returncode}, "
              f"processes of the server's group left 2 s later: **{left_behind}**", "",
-             "| window start s | requests | errors | latency p50 s | p90 s | p99 s | first token p50 s | p99 s |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {w['window_start_s']} | {w['requests']} | {w['errors']} | {w['latency_p50_s']:.2f} | {w['latency_p90_s']:.2f} | "
-              f"{w['latency_p99_s']:.2f} | {w['ttft_p50_s']:.2f} | {w['ttft_p99_s']:.2f} |" for w in windows]
+             f"- engine (its `minitron_step_seconds` and `minitron_output_tokens` metrics): busy {share(payload['engine_busy'])} of the time, "
+             f"{number(payload['engine_ms_per_token'], 2)} ms of engine step per output token", "",
+             "| window start s | requests | errors | latency p50 s | p90 s | p99 s | first token p50 s | p99 s | engine busy | engine ms/token |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {w['window_start_s']:.0f} | {w['requests']} | {w['errors']} | {w['latency_s_p50']:.2f} | {w['latency_s_p90']:.2f} | "
+              f"{w['latency_s_p99']:.2f} | {w['ttft_s_p50']:.2f} | {w['ttft_s_p99']:.2f} | {share(w['engine_busy'])} | {number(w['engine_ms_per_token'], 2)} |"
+              for w in windows]
     if errors:
         lines += ["", "Error examples: " + "; ".join(payload["error_examples"])]
     write_results("soak_serve", payload, "\n".join(lines))

@@ -2,11 +2,13 @@
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 from conftest import data_settings, run_cli, save_tiny_model, write_engine_manifest
 
-from toolchain.bench.harness import bench
+from toolchain.bench.bound import Device, ModelCost, load_point_bound, precision_of
+from toolchain.bench.harness import bench, student_speedup
 from toolchain.build import build
 from toolchain.engine_profile import load_profile
 from toolchain.errors import UserError
@@ -53,11 +55,10 @@ def check_results(results: dict, out, labels=("teacher", "student")) -> None:
             assert point["harness"]["seconds_per_token"] > 0
     teacher_points, student_points = (model["load_points"] for model in results["models"])
     assert teacher_points[0]["bound"]["batch"] == student_points[0]["bound"]["batch"] == 1  # one client: batch 1 for both
-    for point, teacher_point in zip(student_points, teacher_points):
+    for point in student_points:
         speedup = point["speedup"]
         assert speedup["output_tokens_per_s"] > 0 and speedup["fraction_of_bound"] == pytest.approx(speedup["output_tokens_per_s"] / speedup["bound"])
-        if point["bound"]["batch"] == teacher_point["bound"]["batch"]:  # each rounds its own measured batch (two clients: near 1.5)
-            assert speedup["bytes_ratio"] > 1.5  # 2 of 4 layers: about half the bytes (the lm_head is shared)
+        assert speedup["bytes_ratio"] > 1.5  # 2 of 4 layers: about half the bytes (the lm_head is shared), at the student's batch
     assert "speedup" not in results["models"][0]["load_points"][0]
     assert results["bound_device"]["bandwidth_gb_s"] > 0 and "measured here" in results["bound_device"]["source"]
     assert results["environment"]["libraries"]["torch"] and results["environment"]["cpu"]
@@ -69,6 +70,25 @@ def check_results(results: dict, out, labels=("teacher", "student")) -> None:
     for name in results["plots"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(results["plots"]) == 3
+
+
+def test_bytes_ratio_compares_both_models_at_the_students_batch():
+    """Teacher and student round their own measured batch (1.4 -> 1, 1.6 -> 2); the bytes ratio must not compare the two batches."""
+    from transformers import AutoConfig
+
+    configs = Path(__file__).resolve().parent.parent / "benchmarks" / "configs"
+    teacher, student = (ModelCost.from_config(AutoConfig.from_pretrained(configs / name), precision_of("bfloat16"))
+                        for name in ("llama-3.1-8b", "llama-3.1-minitron-4b-depth"))
+    device = Device("cpu", bandwidth=20e9, peak_flops={"bfloat16": 100e9}, memory=None, source="test")
+    point = {"itl_ms": {"mean": 100.0}, "input_tokens_per_request": 128, "output_tokens_per_request": 128,
+             "output_tokens_per_s": 10.0, "ttft_ms": {"p50": 1.0}, "e2e_ms": {"p50": 1.0}}
+    teacher_point = {**point, "mean_decoding": 1.4, "bound": load_point_bound(teacher, device, {**point, "mean_decoding": 1.4}, 8)}
+    student_point = {**point, "mean_decoding": 1.6, "bound": load_point_bound(student, device, {**point, "mean_decoding": 1.6}, 8)}
+    assert (teacher_point["bound"]["batch"], student_point["bound"]["batch"]) == (1, 2)
+    ratio = student_speedup(student_point, teacher_point, teacher)["bytes_ratio"]
+    at_batch_2 = teacher.decode_step(2, 192).bytes / student.decode_step(2, 192).bytes
+    assert ratio == pytest.approx(at_batch_2) and 1.5 < ratio < 2  # half the layers, the same lm_head
+    assert student_speedup(student_point, teacher_point, None)["bytes_ratio"] is None  # no teacher config: no ratio
 
 
 def test_torch_backend_end_to_end(models, corpus_jsonl, tmp_path):
@@ -202,7 +222,6 @@ def test_gpu_check_runs_with_torch_and_transformers_alone(tmp_path):
     """benchmarks/gpu_check.py --tiny: the GPU script's logic on this CPU, with every package but torch and transformers made unimportable."""
     import subprocess
     import sys
-    from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
     blocked = ("pydantic", "onnxruntime_genai", "tritonclient", "matplotlib", "modelopt", "pytriton")

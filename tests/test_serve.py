@@ -438,6 +438,7 @@ def test_two_models_answer_as_their_engines_and_report_their_metrics(two_model_s
         assert re.search(rf'^minitron_batch_size_bucket{{le="1",model="{model}"}} [1-9]', page, re.MULTILINE) or \
             re.search(rf'^minitron_batch_size_bucket{{model="{model}",le="1"}} [1-9]', page, re.MULTILINE), page
         assert f'minitron_output_tokens_per_second{{model="{model}"}}' in page
+        assert float(re.search(rf'^minitron_step_seconds_sum{{model="{model}"}} (\S+)$', page, re.MULTILINE).group(1)) > 0
         assert output_tokens(two_model_server.metrics, model) >= 12
 
 

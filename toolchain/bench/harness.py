@@ -99,13 +99,18 @@ def bound_device(backend: str, compute: ComputeConfig, targets: list[Target], th
     return None, f"no engine profile gives the data sheet of {gpu}"
 
 
-def student_speedup(point: dict, teacher: dict) -> dict:
+def student_speedup(point: dict, teacher: dict, teacher_cost: ModelCost | None) -> dict:
+    """The student's ratios over the teacher at one load point.
+
+    `bytes_ratio` compares bytes read per token at the student's batch and context: each model's bound
+    rounds its own measured batch, and bytes per token at two different batches would compare batching,
+    not models."""
     div = lambda a, b: a / b if a and b else None  # noqa: E731
     measured = div(point["output_tokens_per_s"], teacher["output_tokens_per_s"])
     bound, teacher_bound = point.get("bound"), teacher.get("bound")
     roofline = div(bound and bound["tokens_per_s"], teacher_bound and teacher_bound["tokens_per_s"])
-    return {"output_tokens_per_s": measured, "bound": roofline,
-            "bytes_ratio": div(teacher_bound and teacher_bound["bytes_per_token"], bound and bound["bytes_per_token"]),
+    teacher_bytes = teacher_cost.decode_step(bound["batch"], bound["context"]).bytes / bound["batch"] if bound and teacher_cost else None
+    return {"output_tokens_per_s": measured, "bound": roofline, "bytes_ratio": div(teacher_bytes, bound and bound["bytes_per_token"]),
             "fraction_of_bound": div(measured, roofline),
             "ttft_p50": div(teacher["ttft_ms"].get("p50"), point["ttft_ms"].get("p50")),
             "e2e_p50": div(teacher["e2e_ms"].get("p50"), point["e2e_ms"].get("p50"))}
@@ -162,10 +167,11 @@ def bench(teacher: str, students: list[str], settings: BenchConfig, data: DataCo
     points = draw_requests(workload, prepared[targets[0].label].tokenizer, data)
     device, no_device = bound_device(settings.backend, compute, targets, settings.threads)
     started = environment(settings.threads)  # the load average before the run: other work on the machine skews every number
-    models = []
+    models, costs = [], []
     for target in targets:
         ready = prepared[target.label]
         cost = ModelCost.from_config(ready.config, ready.precision) if ready.config is not None else None
+        costs.append(cost)
         no_bound = ready.no_bound_reason or no_device
         model = {"label": target.label, "source": target.source, "max_batch": ready.max_batch, "cost": cost.describe() if cost else None,
                  "no_bound_reason": no_bound, "load_points": []}
@@ -183,7 +189,7 @@ def bench(teacher: str, students: list[str], settings: BenchConfig, data: DataCo
         models.append(model)
     for model in models[1:]:
         for point, teacher_point in zip(model["load_points"], models[0]["load_points"]):
-            point["speedup"] = student_speedup(point, teacher_point)
+            point["speedup"] = student_speedup(point, teacher_point, costs[0])
     configs = {label: ready.config for label, ready in prepared.items()}
     results = {"command": command, "backend": settings.backend, "threads": settings.threads, "workload": workload.model_dump(mode="json"),
                "environment": {**started, "load_average_1min_after": environment(settings.threads)["load_average_1min"]}, "bound_device": device.describe() if device else None, "models": models,

@@ -9,7 +9,7 @@ CpuEngine, whose engine thread batches all requests of this instance together (i
 statically, as the `batching` parameter says). A cancelled request (the client closed its stream)
 leaves the batch at the next token. Custom metrics, labelled with the model name: queue time
 (in-flight: submission to the start of its prefill), batch size per engine step, output tokens
-(a counter) and output tokens/s over the last few seconds.
+(a counter), output tokens/s over the last few seconds and seconds per engine step.
 """
 
 import json
@@ -57,11 +57,13 @@ class EngineMetrics:
             family("minitron_batch_size", "Requests decoded together in one engine step", family.HISTOGRAM),
             family("minitron_output_tokens", "Tokens sent to clients", family.COUNTER),
             family("minitron_output_tokens_per_second", f"Output tokens per second over the last {self.WINDOW_S:.0f} s", family.GAUGE),
+            family("minitron_step_seconds", "Seconds one engine step took (the running batch's prefill and decode)", family.HISTOGRAM),
         ]
         self.queue_seconds = self.families[0].Metric(labels=labels, buckets=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
         self.batch_size = self.families[1].Metric(labels=labels, buckets=[1, 2, 4, 8, 16, 32, 64])
         self.output_tokens = self.families[2].Metric(labels=labels)
         self.tokens_per_second = self.families[3].Metric(labels=labels)
+        self.step_seconds = self.families[4].Metric(labels=labels, buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5])
         self.recent: deque = deque()  # (time, tokens) of recent steps
 
     def admitted(self, queue_seconds: float) -> None:
@@ -69,6 +71,7 @@ class EngineMetrics:
 
     def stepped(self, stats) -> None:
         now = time.monotonic()
+        self.step_seconds.observe(stats.seconds)
         if stats.batch_size:
             self.batch_size.observe(stats.batch_size)
         if stats.new_tokens:
