@@ -67,7 +67,8 @@ def format_results(results: dict, plots_prefix: str = "") -> str:
     if students:
         lines += ["", f"Speedup over the teacher ({results['models'][0]['label']}): measured output tokens/s ratio, the roofline bound "
                       "(the teacher's roofline time per token over the student's, at each one's batch and context), the bytes-per-token "
-                      "ratio, and the fraction of the bound reached.", "",
+                      "ratio (the teacher's bytes read per token over the student's, both at the student's batch and context), and the "
+                      "fraction of the bound reached.", "",
                   "| student | load | speedup | bound | bytes ratio | of bound | TTFT p50 | E2E p50 |", "|---|---|---|---|---|---|---|---|"]
         for model in students:
             for point in model["load_points"]:
