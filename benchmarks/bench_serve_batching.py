@@ -6,7 +6,9 @@ The engine defaults to smollm2-135m depth-pruned to 15 layers (`minitron prune -
 --calibration-samples 64`), built with `minitron build --profile cpu-fp32 --max-batch-size 32`, cached under
 ~/.cache/minitron/soak/ (where benchmarks/soak_serve.py keeps its student). For each batching mode one server
 (`toolchain.serve.serving`, the same engine threads): in-flight and static at max batch 32, and static at the cpu-fp32
-profile's own max batch 4 (what `minitron serve` ran before in-flight batching); at each stream count N the bench harness's
+profile's own max batch 4 (what `minitron serve` ran before in-flight batching); the three servers are up together and
+each load point runs on the three in turn (an idle server takes no CPU; a drift of the shared machine's speed then falls
+on every mode alike); at each stream count N the bench harness's
 closed loop (toolchain.bench.load): N streaming gRPC clients, 128-token prompts of the data's eval split, 32 new
 tokens, greedy, `--rounds` measured requests per client in steady state (after one warm-up request per client, with the
 load kept until the last measured request ends). Records TTFT, end-to-end latency, output tokens/s, the server's memory
@@ -20,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,25 +52,32 @@ def default_engine() -> Path:
     return engine_dir
 
 
-def measure(engine_dir: Path, mode: str, points, threads: int, max_batch: int, window_s: float) -> dict:
-    """Serve the engine batching as `mode` says, up to `max_batch` requests, and run every load point against it."""
-    settings = ServeConfig(threads=threads, batching=mode, max_batch_size=max_batch)
-    results = {"load_points": []}
-    with serving(engine_dir, settings) as running:
-        pgid = running.server.process.pid
-        send = TritonRunner.sender(running.endpoints.grpc, "ensemble")
-        results["rss_idle_mb"] = group_rss_mb(pgid)
+def measure(engine_dir: Path, runs: dict, points, threads: int, window_s: float, max_num_tokens: int | None) -> dict:
+    """One server per batching mode of `runs` (label -> (mode, max batch)), all up at once, each load point run on every mode in turn.
+
+    An idle server takes no CPU (its engine thread waits for requests), and running the modes one after the other at each
+    load point puts a drift of the shared machine's speed on all of them alike rather than on whichever mode ran last.
+    """
+    modes = {}
+    with ExitStack() as stack:
+        servers = {}
+        for label, (mode, batch) in runs.items():
+            settings = ServeConfig(threads=threads, batching=mode, max_batch_size=batch, max_num_tokens=max_num_tokens if mode == "inflight" else None)
+            running = stack.enter_context(serving(engine_dir, settings))
+            servers[label] = (running.server.process.pid, TritonRunner.sender(running.endpoints.grpc, "ensemble"))
+            modes[label] = {"batching": mode, "max_batch_size": batch, "rss_idle_mb": group_rss_mb(running.server.process.pid), "load_points": []}
         for point in points:
-            with PeakSampler(lambda: group_rss_mb(pgid), 0.5) as rss:
-                metrics = run_load_point(send, point)
-            samples = metrics.pop("samples")
-            metrics["rss_peak_mb"] = rss.peak
-            metrics["windows"] = latency_windows(samples["sent_s"], {name: samples[name] for name in ("ttft_ms", "e2e_ms")}, window_s)
-            results["load_points"].append(metrics)
-            print(f"{mode:8s} batch {max_batch:2d} streams {point.load['concurrency']:3d}: TTFT p50 {metrics['ttft_ms']['p50']:.0f} ms, "
-                  f"p99 {metrics['ttft_ms']['p99']:.0f} ms, e2e p50 {metrics['e2e_ms']['p50']:.0f} ms, "
-                  f"{metrics['output_tokens_per_s']:.1f} tok/s, {metrics['errors']} errors, RSS {rss.peak:.0f} MB", flush=True)
-    return results
+            for label, (pgid, send) in servers.items():
+                with PeakSampler(lambda: group_rss_mb(pgid), 0.5) as rss:
+                    metrics = run_load_point(send, point)
+                samples = metrics.pop("samples")
+                metrics["rss_peak_mb"] = rss.peak
+                metrics["windows"] = latency_windows(samples["sent_s"], {name: samples[name] for name in ("ttft_ms", "e2e_ms")}, window_s)
+                modes[label]["load_points"].append(metrics)
+                print(f"{label:9s} streams {point.load['concurrency']:3d}: TTFT p50 {metrics['ttft_ms']['p50']:.0f} ms, "
+                      f"p99 {metrics['ttft_ms']['p99']:.0f} ms, e2e p50 {metrics['e2e_ms']['p50']:.0f} ms, "
+                      f"{metrics['output_tokens_per_s']:.1f} tok/s, {metrics['errors']} errors, RSS {rss.peak:.0f} MB", flush=True)
+    return modes
 
 
 def main() -> None:
@@ -79,6 +89,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=5.0, help="seconds per window of the latency-over-time table")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--max-num-tokens", type=int, help="in-flight tokens per engine step (default: the engine profile's)")
     parser.add_argument("--results", default="serve_batching", help="name of the results files in benchmarks/results/")
     args = parser.parse_args()
 
@@ -93,8 +104,8 @@ def main() -> None:
     started = time.time()
     static_batch = min(CPU_PROFILE_BATCH, max_batch)
     runs = {"inflight": ("inflight", max_batch), "static": ("static", max_batch), f"static-b{static_batch}": ("static", static_batch)}
-    modes = {label: {"batching": mode, "max_batch_size": batch, **measure(engine_dir, mode, points, args.threads, batch, args.window)}
-             for label, (mode, batch) in runs.items()}
+    step_tokens = args.max_num_tokens or manifest.profile.get("max_num_tokens") or manifest.max_input_len  # what the in-flight server gets
+    modes = measure(engine_dir, runs, points, args.threads, args.window, args.max_num_tokens)
 
     def at(label: str, streams: int) -> dict:
         return next(point for point in modes[label]["load_points"] if point["load"]["concurrency"] == streams)
@@ -118,7 +129,7 @@ def main() -> None:
         targets["in-flight tok/s at 16 streams >= 3x one stream"] = scaling["inflight"] >= 3
     command = "flock /work/cpu.lock python benchmarks/bench_serve_batching.py " + " ".join(sys.argv[1:])
     payload = {"command": command.strip(), "engine": str(engine_dir), "profile": manifest.profile_name, "engine_threads": args.threads,
-               "max_batch_size": max_batch, "input_len": args.input_len, "output_len": args.output_len, "rounds": args.rounds,
+               "max_batch_size": max_batch, "inflight_max_num_tokens": step_tokens, "input_len": args.input_len, "output_len": args.output_len, "rounds": args.rounds,
                "minutes": (time.time() - started) / 60, "modes": modes, "ratios": ratios, "tokens_per_s_16_over_1": scaling,
                "targets_met": targets, "machine": machine()}
     lines = [f"# Static vs in-flight batching of `minitron serve` ({engine_dir.name})", "",
@@ -126,7 +137,8 @@ def main() -> None:
              f"Engine {engine_dir.name} (profile {manifest.profile_name}), {args.threads} engine thread{'s' if args.threads > 1 else ''}, "
              f"{args.input_len}-token prompts of the data's eval split, {args.output_len} new tokens, greedy, streaming gRPC, closed loop "
              f"in steady state: {args.rounds} measured requests per client after one warm-up request per client, the load kept "
-             f"until the last measured request ends (tokens/s counts every token inside that window). Machine: {os.cpu_count()} cores shared with other jobs "
+             f"until the last measured request ends (tokens/s counts every token inside that window); in-flight steps of at most {step_tokens} tokens. "
+             f"The three servers are up together and each load point runs on them in turn. Machine: {os.cpu_count()} cores shared with other jobs "
              f"(runs serialised by /work/cpu.lock); one run, {payload['minutes']:.1f} min.", "",
              "| batching | max batch | streams | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | output tok/s | errors | server RSS peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]

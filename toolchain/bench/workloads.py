@@ -118,10 +118,6 @@ class Workload(Section):
         """Measured requests of load point `index`."""
         return self.requests[index] if isinstance(self.requests, list) else self.requests
 
-    def warmup_at(self, index: int) -> int:
-        """Warm-up requests of load point `index`: `warmup`, and in a closed loop at least one per client."""
-        return max(self.warmup, self.load_points()[index].get("concurrency", 0))
-
     def load_points(self) -> list[dict]:
         """The sweep as load descriptions, in order: {"concurrency": c} or {"request_rate": r}."""
         if self.concurrency is not None:
@@ -217,7 +213,7 @@ def draw_requests(workload: Workload, tokenizer, data: DataConfig | None = None)
     points = []
     for index, load in enumerate(workload.load_points()):
         rng = np.random.default_rng([workload.seed, index])
-        warmup = workload.warmup_at(index)
+        warmup = max(workload.warmup, load.get("concurrency", 0))  # in a closed loop, at least one warm-up request per client
         count = warmup + workload.requests_at(index)
         inputs = draw_lengths(workload.input_len, rng, count)
         outputs = draw_lengths(workload.output_len, rng, count)
