@@ -30,6 +30,7 @@ from common import latency_windows, machine, write_results  # noqa: E402
 from peak import PeakSampler  # noqa: E402
 from soak_serve import WORK, group_rss_mb  # noqa: E402
 
+from toolchain.backends.onnxruntime_genai import inflight_max_num_tokens  # noqa: E402
 from toolchain.bench.load import run_load_point  # noqa: E402
 from toolchain.bench.runners import TritonRunner  # noqa: E402
 from toolchain.bench.workloads import draw_requests, load_workload  # noqa: E402
@@ -104,7 +105,7 @@ def main() -> None:
     started = time.time()
     static_batch = min(CPU_PROFILE_BATCH, max_batch)
     runs = {"inflight": ("inflight", max_batch), "static": ("static", max_batch), f"static-b{static_batch}": ("static", static_batch)}
-    step_tokens = args.max_num_tokens or manifest.profile.get("max_num_tokens") or manifest.max_input_len  # what the in-flight server gets
+    step_tokens = inflight_max_num_tokens(ServeConfig(max_num_tokens=args.max_num_tokens), manifest)  # what the in-flight server gets
     modes = measure(engine_dir, runs, points, args.threads, args.window, args.max_num_tokens)
 
     def at(label: str, streams: int) -> dict:

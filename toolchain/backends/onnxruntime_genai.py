@@ -32,6 +32,11 @@ def precision(profile: EngineProfile) -> str:
     return "int4" if profile.quantization == "int4_rtn" else "fp32"
 
 
+def inflight_max_num_tokens(serve: ServeConfig, manifest: EngineManifest) -> int:
+    """Tokens per in-flight engine step: serve's setting, else the profile's max_num_tokens, else a whole prompt (max_input_len)."""
+    return serve.max_num_tokens or manifest.profile.get("max_num_tokens") or manifest.max_input_len
+
+
 class OnnxRuntimeGenAI(EngineBackend):
     name = "onnxruntime-genai"
 
@@ -101,7 +106,7 @@ class OnnxRuntimeGenAI(EngineBackend):
             "threads": settings.threads or manifest.profile.get("cpu_threads") or max(1, (os.cpu_count() or 1) // settings.instances),
             "engine_max_batch_size": batch,
             "batching": settings.batching,
-            "max_num_tokens": settings.max_num_tokens or manifest.profile.get("max_num_tokens") or manifest.max_input_len,
+            "max_num_tokens": inflight_max_num_tokens(settings, manifest),
             "kv_cache_tokens": kv_cache_tokens,
         }
         copy_model_code("cpu_model.py", repository / model_name / "1")

@@ -181,6 +181,7 @@ class CpuEngineRunner(Runner):
 
     @contextlib.contextmanager
     def running(self, target: Target, prepared: Prepared, settings: RunSettings) -> Iterator[Running]:
+        from toolchain.backends.onnxruntime_genai import inflight_max_num_tokens
         from toolchain.cpu_engine import CpuEngine, InvalidRequest
         from toolchain.manifest import read_manifest
 
@@ -190,7 +191,7 @@ class CpuEngineRunner(Runner):
         with CpuEngine(engine_dir / manifest.model_dir, threads=settings.threads, max_batch_size=prepared.max_batch,
                        tokenizer_dir=engine_dir / manifest.tokenizer_dir, max_input_len=manifest.max_input_len,
                        max_seq_len=manifest.max_seq_len, batching=serve.batching,
-                       max_num_tokens=serve.max_num_tokens or manifest.profile.get("max_num_tokens"),
+                       max_num_tokens=inflight_max_num_tokens(serve, manifest),
                        kv_cache_tokens=serve.kv_cache_tokens) as engine:
             def send(request) -> Iterator[int]:
                 try:
